@@ -1,0 +1,5 @@
+import sys
+
+from smolds.cli import main
+
+sys.exit(main())

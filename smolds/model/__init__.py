@@ -1,0 +1,1 @@
+"""The model: attention kinds (MLA, GQA, linear), DeepSeekMoE, and the Transformer that stacks them."""

@@ -1,0 +1,230 @@
+"""DeepSeekMoE: the router, the experts, and auxiliary-loss-free load balancing, in one file.
+
+Dimension legend: N tokens (B*T flattened), D model width, E routed experts, K experts per token (top-k),
+I expert width (moe_intermediate_size), G expert groups.
+
+Routing (DeepSeek-V3, section 2.1.2): affinities s = sigmoid(x W_r^T) in fp32. Experts are *chosen* by
+top-k on s + b, where b is a per-expert bias that only steers selection; the gate *weights* are the
+unbiased affinities of the chosen experts, normalized to sum 1 when norm_topk_prob, times
+routed_scaling_factor. Group-limited routing first keeps the topk_group groups whose score (sum of their two
+highest biased affinities) is largest and masks the rest with -inf. Shared experts see every token.
+No token is ever dropped: there is no capacity factor.
+
+Loss-free balancing (Wang et al. 2024, "Auxiliary-Loss-Free Load Balancing Strategy for MoE"): after each
+optimizer step, b_i += u * sign(mean(c) - c_i), where c_i counts the tokens routed to expert i since the
+last update, summed over every data-parallel rank first so that all ranks keep the same bias. Overloaded
+experts become less attractive and underloaded ones more, without a gradient that fights the LM loss.
+Alternatives kept for comparison: `aux_loss` (Switch/GShard alpha * sum f_i P_i over the batch) and `seq_aux`
+(DeepSeek-V3's complementary sequence-wise loss, combinable with loss-free).
+
+Experts are stacked ([E, I, D] weights) and run on tokens sorted by expert: torch._grouped_mm on CUDA,
+otherwise one matmul per expert over its contiguous slice; `naive_moe_reference` loops over experts with
+masks and is the reference the tests hold the fast path to.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+from smolds.config import ModelConfig
+from smolds.model.layers import SwiGLU
+
+
+class Router(nn.Module):
+    """Sigmoid top-k router with a selection-only bias (the `gate` of HF's DeepseekV3MoE)."""
+
+    fp32_buffers = ("e_score_correction_bias", "tokens_per_expert")
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.n_group, self.topk_group = cfg.n_group, cfg.topk_group
+        self.norm_topk_prob, self.scaling = cfg.norm_topk_prob, cfg.routed_scaling_factor
+        self.weight = nn.Parameter(torch.empty(self.n_experts, cfg.hidden_size))
+        # The bias is state, not a parameter: no gradient, saved with the weights, always fp32.
+        self.register_buffer("e_score_correction_bias", torch.zeros(self.n_experts))
+        # Tokens routed to each expert since the last bias update (not saved; summed across ranks at update).
+        self.register_buffer("tokens_per_expert", torch.zeros(self.n_experts), persistent=False)
+        self.last_counts = torch.zeros(self.n_experts)  # the latest forward's counts, for the monitor
+
+    def _apply(self, fn, recurse=True):
+        # Module.to(bfloat16) would round the bias to 8 bits of mantissa and swallow u=1e-3 updates:
+        # keep fp32 buffers fp32, moving only their device.
+        saved = {n: self._buffers[n] for n in self.fp32_buffers}
+        super()._apply(fn, recurse)
+        for n, b in saved.items():
+            self._buffers[n] = b.to(device=self._buffers[n].device)
+        return self
+
+    def forward(self, x: torch.Tensor):
+        """x [N, D] -> (topk_idx [N, K] long, topk_weight [N, K] fp32, scores [N, E] fp32)."""
+        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # [N, E] affinities
+        choice = scores.detach() + self.e_score_correction_bias  # biased, only for selection
+        if self.n_group > 1:
+            N = x.shape[0]
+            grouped = choice.view(N, self.n_group, -1)  # [N, G, E/G]
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # [N, G]
+            keep = group_scores.topk(self.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view(N, -1)
+        topk_idx = choice.topk(self.top_k, dim=-1).indices  # [N, K]
+        topk_weight = scores.gather(1, topk_idx)  # unbiased affinities carry the gradient
+        if self.norm_topk_prob:
+            topk_weight = topk_weight / (topk_weight.sum(-1, keepdim=True) + 1e-20)
+        topk_weight = topk_weight * self.scaling
+        if self.training:
+            with torch.no_grad():
+                counts = torch.bincount(topk_idx.flatten(), minlength=self.n_experts).float()
+                self.tokens_per_expert += counts
+                self.last_counts = counts
+        return topk_idx, topk_weight, scores
+
+    @torch.no_grad()
+    def update_bias(self, counts: torch.Tensor, rate: float, center: bool = False):
+        """The sign rule: b_i += u * sign(mean(c) - c_i) (optionally mean-centered)."""
+        delta = rate * torch.sign(counts.mean() - counts)
+        if center:
+            delta -= delta.mean()
+        self.e_score_correction_bias += delta.to(self.e_score_correction_bias)
+
+
+class RoutedExperts(nn.Module):
+    """E SwiGLU experts with stacked weights, laid out as E per-expert nn.Linear weights ([out, in])."""
+
+    def __init__(self, n_experts: int, dim: int, hidden: int):
+        super().__init__()
+        self.n_experts = n_experts
+        self.gate_proj = nn.Parameter(torch.empty(n_experts, hidden, dim))  # [E, I, D]
+        self.up_proj = nn.Parameter(torch.empty(n_experts, hidden, dim))  # [E, I, D]
+        self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden))  # [E, D, I]
+
+    def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
+        """x [N, D] sorted by expert, counts [E] tokens per expert -> [N, D]."""
+        if x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+            offs = counts.cumsum(0).to(torch.int32)  # no host sync: offsets stay on the device
+            h = F.silu(torch._grouped_mm(x, self.gate_proj.transpose(1, 2), offs=offs))
+            h = h * torch._grouped_mm(x, self.up_proj.transpose(1, 2), offs=offs)
+            return torch._grouped_mm(h, self.down_proj.transpose(1, 2), offs=offs)
+        outs = []
+        for e, xe in enumerate(x.split(counts.tolist())):
+            h = F.silu(xe @ self.gate_proj[e].t()) * (xe @ self.up_proj[e].t())
+            outs.append(h @ self.down_proj[e].t())
+        return torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
+
+
+class MoE(nn.Module):
+    """Shared experts + routed experts behind the router; returns (output, balance loss or None).
+
+    `ep_group` (set by the trainer) switches the routed experts to expert parallelism: this rank holds
+    E/ep experts and tokens travel by all-to-all (see smolds/model/expert_parallel.py).
+    """
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.n_experts, self.top_k = cfg.n_routed_experts, cfg.num_experts_per_tok
+        self.gate = Router(cfg)
+        self.experts = RoutedExperts(cfg.n_routed_experts, cfg.hidden_size, cfg.moe_intermediate_size)
+        self.shared_experts = (
+            SwiGLU(cfg.hidden_size, cfg.moe_intermediate_size * cfg.n_shared_experts) if cfg.n_shared_experts else None
+        )
+        self.ep_group = None  # torch.distributed group for expert parallelism, or None
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        B, T, D = x.shape
+        flat = x.reshape(-1, D)
+        topk_idx, topk_weight, scores = self.gate(flat)
+        if self.ep_group is None:
+            y = self.dispatch_local(flat, topk_idx, topk_weight)
+        else:
+            from smolds.model.expert_parallel import dispatch_expert_parallel
+
+            y = dispatch_expert_parallel(self, flat, topk_idx, topk_weight)
+        if self.shared_experts is not None:
+            y = y + self.shared_experts(flat)
+        return y.view(B, T, D), self.balance_loss(topk_idx, scores, B, T)
+
+    def dispatch_local(self, x, topk_idx, topk_weight):
+        """Sort the N*K (token, expert) pairs by expert, run each expert on its slice, scatter back."""
+        N, K = topk_idx.shape
+        flat_idx = topk_idx.flatten()  # [N*K]
+        order = flat_idx.argsort(stable=True)
+        token_of = order // K  # source token of each sorted pair
+        counts = torch.bincount(flat_idx, minlength=self.n_experts)
+        out = self.experts(x[token_of], counts)  # [N*K, D]
+        out = out * topk_weight.flatten()[order, None].to(out.dtype)
+        return torch.zeros_like(x).index_add_(0, token_of, out)
+
+    def balance_loss(self, topk_idx, scores, B, T) -> torch.Tensor | None:
+        mode = self.cfg.balance_mode
+        if not self.training or mode in ("loss_free", "none"):
+            return None
+        E, K = self.n_experts, self.top_k
+        probs = scores / scores.sum(-1, keepdim=True)  # normalized affinities s'_{t,i}
+        chosen = F.one_hot(topk_idx, E).sum(1).float()  # [N, E] 1 where expert i is in token t's top-k
+        if mode == "aux_loss":  # over the whole batch
+            f = chosen.mean(0) * E / K
+            return self.cfg.aux_loss_alpha * (f * probs.mean(0)).sum()
+        # seq_aux: per sequence, then averaged (DeepSeek-V3 eq. 17-20)
+        f = chosen.view(B, T, E).mean(1) * E / K  # [B, E]
+        P = probs.view(B, T, E).mean(1)
+        return self.cfg.seq_aux_alpha * (f * P).sum(-1).mean()
+
+
+def naive_moe_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:
+    """Route with the same router, then loop over experts with masks (slow; for tests). x [B, T, D]."""
+    flat = x.reshape(-1, x.shape[-1])
+    was_training = moe.gate.training
+    moe.gate.eval()  # do not count these tokens
+    topk_idx, topk_weight, _ = moe.gate(flat)
+    moe.gate.train(was_training)
+    y = torch.zeros_like(flat)
+    w = moe.experts
+    for e in range(moe.n_experts):
+        for k in range(moe.top_k):
+            rows = (topk_idx[:, k] == e).nonzero().flatten()
+            if rows.numel() == 0:
+                continue
+            xe = flat[rows]
+            h = F.silu(xe @ w.gate_proj[e].t()) * (xe @ w.up_proj[e].t())
+            y[rows] += (h @ w.down_proj[e].t()) * topk_weight[rows, k, None].to(x.dtype)
+    if moe.shared_experts is not None:
+        y = y + moe.shared_experts(flat)
+    return y.view_as(x)
+
+
+# ---------------------------------------------------------------------------------------------- balancing
+def routers(model: nn.Module) -> list[Router]:
+    return [m for m in model.modules() if isinstance(m, Router)]
+
+
+@torch.no_grad()
+def update_router_biases(model: nn.Module, cfg: ModelConfig, group=None) -> torch.Tensor | None:
+    """Call once after each optimizer step. Sums the per-expert counts of every MoE layer over all ranks
+    (one all-reduce of a [layers, E] tensor), applies the sign rule when loss-free balancing is on, resets
+    the counts, and returns the summed counts [layers, E] (the monitor's input), or None without MoE."""
+    rs = routers(model)
+    if not rs:
+        return None
+    counts = torch.stack([r.tokens_per_expert for r in rs])  # [L, E]
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(counts, group=group)
+    if cfg.uses_loss_free and cfg.bias_update_rate > 0:
+        for r, c in zip(rs, counts):
+            r.update_bias(c, cfg.bias_update_rate, cfg.bias_update_center)
+    for r in rs:
+        r.tokens_per_expert.zero_()
+    return counts
+
+
+def max_violation(counts: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """MaxVio = (max load - mean load) / mean load, per layer of counts [L, E] (or [E]), and their mean."""
+    counts = counts.float()
+    if counts.dim() == 1:
+        counts = counts[None]
+    mean = counts.mean(-1).clamp_min(1e-9)
+    per_layer = (counts.max(-1).values - mean) / mean
+    return per_layer, float(per_layer.mean())
