@@ -145,9 +145,9 @@ class Transformer(nn.Module):
         mask = None
         if cache.padded:
             S = start + T
-            causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(start)  # [T, S]
-            mask = causal[None] & cache.valid[:, None, :S]  # [B, T, S]
-            mask = mask | torch.eye(T, S, start, dtype=torch.bool, device=device)[None]  # pads see themselves
+            ones = torch.ones(T, S, dtype=torch.bool, device=device)
+            mask = ones.tril(start)[None] & cache.valid[:, None, :S]  # [B, T, S] causal and not padding
+            mask = mask | (ones.tril(start) & ~ones.tril(start - 1))[None]  # pads attend to themselves (no NaN)
             mask = mask[:, None]  # [B, 1, T, S]
         return AttnContext(positions=positions, mask=mask, start=start, valid=valid if cache.padded else None)
 

@@ -1,0 +1,139 @@
+"""DeepSeekMoE: routing semantics, grouped experts vs the naive reference, loss-free balancing."""
+
+import pytest
+import torch
+
+from smolds import ModelConfig, Transformer
+from smolds.model.moe import MoE, Router, max_violation, naive_moe_reference, update_router_biases
+
+
+def cfg(**changes) -> ModelConfig:
+    base = dict(hidden_size=32, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+                n_shared_experts=1, n_group=4, topk_group=2, routed_scaling_factor=2.5)
+    base.update(changes)
+    return ModelConfig.from_preset("tiny").replace(**base)
+
+
+def _moe(c):
+    torch.manual_seed(0)
+    m = MoE(c)
+    for p in m.parameters():
+        torch.nn.init.normal_(p, 0, 0.2)
+    return m
+
+
+@pytest.mark.parametrize("groups", [(1, 1), (4, 2)])
+def test_grouped_experts_equal_reference_outputs_and_grads(groups):
+    m = _moe(cfg(n_group=groups[0], topk_group=groups[1]))
+    m.gate.e_score_correction_bias.copy_(torch.randn(8) * 0.1)
+    x = torch.randn(2, 13, 32, requires_grad=True)
+    fast, _ = m(x)
+    g = torch.randn_like(fast)
+    grads_fast = torch.autograd.grad(fast, [x, *m.parameters()], g)
+    ref = naive_moe_reference(m, x)
+    grads_ref = torch.autograd.grad(ref, [x, *m.parameters()], g)
+    torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+    for a, b in zip(grads_fast, grads_ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_gate_weights_are_unbiased_normalized_affinities():
+    c = cfg(n_group=1, topk_group=1)
+    r = Router(c)
+    torch.nn.init.normal_(r.weight, 0, 0.5)
+    x = torch.randn(64, 32)
+    idx, w, scores = r(x)
+    expected = scores.gather(1, idx)
+    expected = expected / expected.sum(-1, keepdim=True) * c.routed_scaling_factor
+    torch.testing.assert_close(w, expected)
+    torch.testing.assert_close(w.sum(-1), torch.full((64,), 2.5))
+
+
+def test_bias_changes_choice_but_not_weights_and_gets_no_gradient():
+    r = Router(cfg(n_group=1, topk_group=1))
+    torch.nn.init.normal_(r.weight, 0, 0.5)
+    x = torch.randn(256, 32)
+    idx0, w0, scores = r(x)
+    r.e_score_correction_bias[3] = 10.0  # expert 3 now always wins a slot
+    idx1, w1, _ = r(x)
+    assert (idx1 == 3).any(-1).all() and not (idx0 == 3).any(-1).all()
+    # Weights are still the plain affinities of whichever experts were chosen.
+    expected = scores.gather(1, idx1)
+    torch.testing.assert_close(w1, expected / expected.sum(-1, keepdim=True) * 2.5)
+    w1.sum().backward()
+    assert "e_score_correction_bias" not in dict(r.named_parameters())
+    assert r.e_score_correction_bias.grad is None and r.weight.grad is not None
+
+
+def test_group_limited_routing_only_picks_from_top_groups():
+    c = cfg(n_group=4, topk_group=1, num_experts_per_tok=2)
+    r = Router(c)
+    torch.nn.init.normal_(r.weight, 0, 1.0)
+    idx, _, _ = r(torch.randn(128, 32))
+    groups = idx // 2  # 2 experts per group
+    assert (groups[:, 0] == groups[:, 1]).all()  # one group allowed -> both experts from it
+
+
+def test_bias_stays_fp32_under_bf16_cast():
+    m = Transformer(cfg()).to(torch.bfloat16)
+    r = next(mod for mod in m.modules() if isinstance(mod, Router))
+    assert r.e_score_correction_bias.dtype == torch.float32 and r.weight.dtype == torch.bfloat16
+    r.update_bias(torch.tensor([1.0, 0, 0, 0, 0, 0, 0, 0]), rate=1e-3)
+    r.update_bias(torch.tensor([1.0, 0, 0, 0, 0, 0, 0, 0]), rate=1e-3)
+    assert r.e_score_correction_bias[0] == pytest.approx(-2e-3)  # not rounded away
+
+
+def test_loss_free_updates_drive_maxvio_down_on_skewed_inputs():
+    c = cfg(n_group=1, topk_group=1, bias_update_rate=1e-2)
+    model = torch.nn.Module()
+    model.moe = _moe(c)
+    model.train()
+    torch.nn.init.normal_(model.moe.gate.weight, 0, 0.3)
+    skew = torch.randn(32) * 2.0  # every token shares a strong direction: a few experts dominate
+    history = []
+    for step in range(150):
+        x = torch.randn(4, 64, 32) * 0.5 + skew
+        with torch.no_grad():
+            model.moe(x)
+        counts = update_router_biases(model, c)
+        history.append(max_violation(counts)[1])
+    first, last = sum(history[:5]) / 5, sum(history[-10:]) / 10
+    assert first > 1.0, f"input was not skewed enough to test anything (MaxVio {first:.2f})"
+    assert last < 0.35 * first, f"MaxVio {first:.2f} -> {last:.2f}"
+    assert model.moe.gate.tokens_per_expert.sum() == 0  # counts reset after each update
+
+
+def test_counts_accumulate_over_micro_batches_until_update():
+    c = cfg()
+    model = torch.nn.Module()
+    model.moe = _moe(c).train()
+    for _ in range(3):
+        model.moe(torch.randn(2, 5, 32))
+    counts = model.moe.gate.tokens_per_expert.clone()
+    assert counts.sum() == 3 * 2 * 5 * c.num_experts_per_tok
+    assert torch.equal(update_router_biases(model, c)[0], counts)
+
+
+def test_no_bias_update_when_balancing_is_off():
+    c = cfg(balance_mode="aux_loss")
+    model = torch.nn.Module()
+    model.moe = _moe(c).train()
+    _, aux = model.moe(torch.randn(2, 5, 32))
+    assert aux is not None and aux > 0
+    update_router_biases(model, c)
+    assert model.moe.gate.e_score_correction_bias.abs().sum() == 0
+
+
+def test_maxvio_values():
+    per_layer, mean = max_violation(torch.tensor([[4.0, 4, 4, 4], [8, 0, 4, 4]]))
+    assert per_layer.tolist() == [0.0, 1.0] and mean == 0.5
+
+
+def test_aux_loss_is_minimal_when_balanced():
+    c = cfg(balance_mode="aux_loss", n_group=1, topk_group=1, num_experts_per_tok=1, n_routed_experts=4)
+    moe = _moe(c).train()
+    # Perfectly balanced hard choice and uniform affinities: f_i = 1 and P_i = 1/E -> sum = 1.
+    idx = torch.arange(8).remainder(4)[:, None]
+    scores = torch.full((8, 4), 0.5)
+    loss = moe.balance_loss(idx, scores, 1, 8)
+    assert loss.item() == pytest.approx(c.aux_loss_alpha)
