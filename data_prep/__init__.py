@@ -1,0 +1,24 @@
+"""Corpus -> tokens -> memory-mapped shards + manifest, and the reader the trainer streams them with.
+
+    sources.py    documents from .txt/.jsonl/.parquet files, folders, globs, hf: datasets, pydoc topics
+    tokenizer.py  SmolLM2's tokenizer (file, folder, hub, GGUF) or a byte-level BPE trained on the corpus
+    pack.py       parallel tokenization into shards, manifest, resume, verify
+    reader.py     TokenWindows: shuffled (x, y) windows per data-parallel rank, resumable
+    cli.py        `smolds prep`
+"""
+
+from data_prep.errors import DataError
+from data_prep.pack import prepare, prepare_default, verify
+from data_prep.tokenizer import load_tokenizer
+
+__all__ = ["DataError", "TokenWindows", "load_tokenizer", "prepare", "prepare_default", "verify"]
+
+
+def __getattr__(name: str):
+    # TokenWindows needs torch (seconds to import). Prep's worker processes import this package too,
+    # so the reader is loaded only when asked for.
+    if name == "TokenWindows":
+        from data_prep.reader import TokenWindows
+
+        return TokenWindows
+    raise AttributeError(f"module 'data_prep' has no attribute {name!r}")

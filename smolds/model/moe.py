@@ -75,11 +75,10 @@ class Router(nn.Module):
         if self.norm_topk_prob:
             topk_weight = topk_weight / (topk_weight.sum(-1, keepdim=True) + 1e-20)
         topk_weight = topk_weight * self.scaling
-        if self.training:
-            with torch.no_grad():
-                counts = torch.bincount(topk_idx.flatten(), minlength=self.n_experts).float()
-                self.tokens_per_expert += counts
-                self.last_counts = counts
+        with torch.no_grad():  # one bincount per layer per forward, no host sync
+            self.last_counts = torch.bincount(topk_idx.flatten(), minlength=self.n_experts).float()
+            if self.training:  # only training tokens steer the bias
+                self.tokens_per_expert += self.last_counts
         return topk_idx, topk_weight, scores
 
     @torch.no_grad()

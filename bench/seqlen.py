@@ -1,0 +1,142 @@
+"""Cost against sequence length: MLA (quadratic), linear attention (linear) and a 3:1 hybrid.
+
+Two tables, printed as markdown (docs/seqlen.md holds a run of them):
+1. Training: forward + backward time and peak memory *per token* for one sequence of T tokens, T = 512 .. 16k,
+   on a small model (the tiny preset's width and depth with a dense FFN). Each point runs in a fresh process so
+   that its peak is its own: on CPU the peak is the process's resident high-water mark (VmHWM) minus its
+   resident size just before the step; on CUDA, torch.cuda.max_memory_allocated minus the memory before.
+   A kind's longer lengths are skipped once one of its points takes more than --max-seconds.
+2. Decoding: bytes held per sequence (cache + recurrent state) against context length, for the small model
+   and the 135M presets in bf16, counted from the real caches built on the meta device (nothing allocated).
+
+    python bench/seqlen.py                              # all lengths, CPU, a few minutes on 2 cores
+    python bench/seqlen.py --lengths 512 2048 --kinds linear mla --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import time
+
+import torch
+
+from smolds import ModelConfig, Transformer
+
+KINDS = {"mla": ["mla"], "linear": ["linear"], "hybrid": ["linear", "linear", "linear", "mla"]}
+
+
+def small_config(kind: str, max_len: int) -> ModelConfig:
+    """The tiny preset's shape (width 128, 4 layers, 4 heads) with a dense FFN, so only attention differs."""
+    return ModelConfig.from_preset("tiny").replace(
+        attention_pattern=KINDS[kind], n_routed_experts=0, max_position_embeddings=max_len,
+        linear_head_dim=32, linear_chunk_size=64)
+
+
+def _rss_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure_point(kind: str, T: int, device: str, repeats: int, threads: int) -> dict:
+    """Training-step time at length T (best of `repeats` steps) and the first step's peak memory above the
+    memory held before it (weights and gradients excluded); runs in a process of its own."""
+    torch.set_num_threads(threads)
+    torch.manual_seed(0)
+    model = Transformer(small_config(kind, max(T, 64))).to(device)
+    step = lambda ids: model(ids, targets=ids).loss.backward()
+    step(torch.randint(0, 4096, (1, 64), device=device))  # warm up code paths, allocate .grad
+    ids = torch.randint(0, 4096, (1, T), device=device)
+    times = []
+    for i in range(repeats):
+        if device == "cuda":
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+        else:
+            before = _rss_kb("VmRSS") * 1024
+        t0 = time.perf_counter()
+        step(ids)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+        if i == 0:  # the first step at this length sets the peak
+            peak = (torch.cuda.max_memory_allocated() if device == "cuda" else _rss_kb("VmHWM") * 1024) - before
+    return {"kind": kind, "T": T, "seconds": min(times), "peak_bytes": peak}
+
+
+def training_table(kinds, lengths, device, repeats, threads, max_seconds) -> list[dict]:
+    rows = []
+    for kind in kinds:
+        for T in lengths:
+            cmd = [sys.executable, __file__, "--point", kind, str(T), "--device", device,
+                   "--repeats", str(repeats), "--threads", str(threads)]
+            row = json.loads(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout)
+            rows.append(row)
+            print(f"# {kind:6s} T={T:6d}  {row['seconds']:.2f} s  peak {row['peak_bytes'] / 2**20:.0f} MiB",
+                  file=sys.stderr)
+            if row["seconds"] > max_seconds:
+                break
+    return rows
+
+
+def print_training(rows, kinds, lengths):
+    by = {(r["kind"], r["T"]): r for r in rows}
+    print("| tokens | " + " | ".join(f"{k} us/tok" for k in kinds) + " | "
+          + " | ".join(f"{k} KiB/tok" for k in kinds) + " |")
+    print("|---:|" + "---:|" * (2 * len(kinds)))
+    for T in lengths:
+        cell = lambda k, f: f(by[(k, T)]) if (k, T) in by else "skipped"
+        us = [cell(k, lambda r: f"{r['seconds'] / r['T'] * 1e6:.0f}") for k in kinds]
+        kib = [cell(k, lambda r: f"{r['peak_bytes'] / r['T'] / 1024:.1f}") for k in kinds]
+        print(f"| {T} | " + " | ".join(us) + " | " + " | ".join(kib) + " |")
+
+
+def decode_bytes(cfg: ModelConfig, context: int, dtype=torch.bfloat16) -> int:
+    """Bytes one sequence holds after `context` tokens: per-token caches times context, plus constant states."""
+    cfg = cfg.replace(max_position_embeddings=max(context, cfg.max_position_embeddings))
+    with torch.device("meta"):
+        model = Transformer(cfg)
+    cache = model.new_cache(1, context, device="meta", dtype=dtype)
+    return cache.bytes_per_token() * context + sum(getattr(c, "state_bytes", lambda: 0)() for c in cache.layers)
+
+
+def print_decode(contexts):
+    preset = ModelConfig.from_preset("smollm2-deepseek-135m")
+    models = {f"small {k}": small_config(k, 64) for k in KINDS}
+    models |= {"135M mla": preset, "135M hybrid": ModelConfig.from_preset("smollm2-deepseek-hybrid-135m"),
+               "135M linear": preset.replace(attention_pattern=["linear"])}
+    print("| context | " + " | ".join(f"{name} MiB" for name in models) + " |")
+    print("|---:|" + "---:|" * len(models))
+    for n in contexts:
+        print(f"| {n} | " + " | ".join(f"{decode_bytes(cfg, n) / 2**20:.3f}" for cfg in models.values()) + " |")
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--kinds", nargs="+", default=list(KINDS), choices=list(KINDS))
+    p.add_argument("--lengths", nargs="+", type=int, default=[512, 1024, 2048, 4096, 8192, 16384])
+    p.add_argument("--contexts", nargs="+", type=int, default=[512, 2048, 8192, 32768, 131072])
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--repeats", type=int, default=3, help="timed steps per point (the best is kept)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-seconds", type=float, default=20.0, help="skip a kind's longer lengths past this")
+    p.add_argument("--point", nargs=2, metavar=("KIND", "T"), help=argparse.SUPPRESS)  # internal: one point
+    args = p.parse_args()
+    if args.point:
+        print(json.dumps(measure_point(args.point[0], int(args.point[1]), args.device, args.repeats, args.threads)))
+        return
+    rows = training_table(args.kinds, args.lengths, args.device, args.repeats, args.threads, args.max_seconds)
+    print(f"\nTraining step (forward + backward), batch 1, {args.device}, {args.threads} threads:\n")
+    print_training(rows, args.kinds, args.lengths)
+    print("\nDecode memory per sequence (caches in bf16; linear-attention states are fp32):\n")
+    print_decode(args.contexts)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,316 @@
+"""The consolidated checkpoint: one directory that generation, evaluation and export read.
+
+Layout (written by `save_pretrained`, read by `load_pretrained`):
+
+    config.yaml             ModelConfig.to_yaml (the whole model is rebuilt from it)
+    model.safetensors       the model's state_dict under its own names (`embed_tokens.weight`,
+                            `layers.3.mlp.gate.e_score_correction_bias`, ...); a tied lm_head is not stored
+    tokenizer.json          a Hugging Face `tokenizers` tokenizer (optional)
+    tokenizer_config.json   what the tokenizer file cannot say: eos/bos tokens, the chat template (optional)
+    extra.json              whatever the writer passed as `extra` (training step, tokens seen, ...; optional)
+
+Weights are safetensors only: nothing here ever unpickles. Writes are atomic: the directory is assembled
+under a temporary name beside the target and renamed into place, so a crash leaves either the old
+directory or the new one under the final name, never half of one.
+
+`load_pretrained` also accepts what the trainer leaves behind: a step directory with a `consolidated/` (or
+`export/`) subfolder, or a run directory whose `checkpoints/latest` file names the last step directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from smolds.config import ConfigError, ModelConfig
+from smolds.model.transformer import Transformer
+
+CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, EXTRA_FILE = (
+    "config.yaml", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "extra.json")
+
+# SmolLM2-Instruct's template without its default system prompt; used when a tokenizer has the ChatML
+# tokens but no template of its own (this project's trained tokenizers reserve ids 0-2 for them).
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+ENDOFTEXT, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
+
+
+class CheckpointError(FileNotFoundError):
+    """A checkpoint is missing or incomplete; the message says which path and what was expected."""
+
+
+# ----------------------------------------------------------------------------------------------- tokenizer
+class TextTokenizer:
+    """A `tokenizers.Tokenizer` together with what `tokenizer_config.json` knows about it.
+
+    The Rust tokenizer cannot carry the special-token roles or the chat template, and cannot be subclassed,
+    so this holds both: `tokenizer` (the backend) and `config` (the tokenizer_config.json dict).
+    """
+
+    def __init__(self, tokenizer, config: dict | None = None):
+        self.tokenizer = tokenizer
+        self.config = dict(config or {})
+
+    # ------------------------------------------------------------ construct
+    @classmethod
+    def load(cls, path: str | Path) -> TextTokenizer:
+        """A directory holding tokenizer.json (+ tokenizer_config.json, chat_template.jinja) or a tokenizer.json."""
+        from tokenizers import Tokenizer
+
+        path = Path(path)
+        file = path / TOKENIZER_FILE if path.is_dir() else path
+        if not file.is_file():
+            raise CheckpointError(f"no tokenizer at {path}: expected {TOKENIZER_FILE}")
+        config = {}
+        cfg_file = file.parent / TOKENIZER_CONFIG_FILE
+        if cfg_file.is_file():
+            config = json.loads(cfg_file.read_text())
+        jinja = file.parent / "chat_template.jinja"  # transformers >= 4.50 keeps the template in its own file
+        if "chat_template" not in config and jinja.is_file():
+            config["chat_template"] = jinja.read_text()
+        return cls(Tokenizer.from_file(str(file)), config)
+
+    @classmethod
+    def coerce(cls, obj) -> TextTokenizer | None:
+        """None, a TextTokenizer, a `tokenizers.Tokenizer`, or a path (directory or tokenizer.json)."""
+        if obj is None or isinstance(obj, TextTokenizer):
+            return obj
+        if isinstance(obj, (str, os.PathLike)):
+            return cls.load(obj)
+        if hasattr(obj, "encode") and hasattr(obj, "token_to_id"):  # a tokenizers.Tokenizer
+            return cls(obj, default_tokenizer_config(obj))
+        raise TypeError(f"tokenizer must be None, a path, a tokenizers.Tokenizer or a TextTokenizer, got {type(obj)}")
+
+    def save(self, out_dir: str | Path) -> None:
+        out_dir = Path(out_dir)
+        self.tokenizer.save(str(out_dir / TOKENIZER_FILE))
+        config = {"tokenizer_class": "PreTrainedTokenizerFast", **self.config}
+        if self.chat_template is not None:
+            config["chat_template"] = self.chat_template
+        (out_dir / TOKENIZER_CONFIG_FILE).write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+    # ------------------------------------------------------------- encoding
+    def encode(self, text: str) -> list[int]:
+        """Token ids of text; special tokens written in the text (`<|im_start|>`) become their ids."""
+        return self.tokenizer.encode(text, add_special_tokens=False).ids
+
+    def decode(self, ids: list[int], skip_special_tokens: bool = True) -> str:
+        return self.tokenizer.decode(list(ids), skip_special_tokens=skip_special_tokens)
+
+    def token_id(self, token: str | None) -> int | None:
+        return None if token is None else self.tokenizer.token_to_id(token)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    # --------------------------------------------------------- special roles
+    def _special(self, role: str) -> str | None:
+        v = self.config.get(role)
+        return v.get("content") if isinstance(v, dict) else v
+
+    @property
+    def eos_token(self) -> str | None:
+        return self._special("eos_token")
+
+    @property
+    def bos_token(self) -> str | None:
+        return self._special("bos_token")
+
+    @property
+    def eos_token_ids(self) -> list[int]:
+        """Ids that end a generation: the configured eos token and `<|endoftext|>` (this project's EOS, id 0)."""
+        ids = [self.token_id(t) for t in (self.eos_token, ENDOFTEXT)]
+        return list(dict.fromkeys(i for i in ids if i is not None))
+
+    # ---------------------------------------------------------- chat template
+    @property
+    def chat_template(self) -> str | None:
+        t = self.config.get("chat_template")
+        if isinstance(t, list):  # [{"name": "default", "template": ...}, ...]
+            t = next((x["template"] for x in t if x.get("name") == "default"), None)
+        if t is None and self.token_id(IM_START) is not None and self.token_id(IM_END) is not None:
+            t = CHATML_TEMPLATE
+        return t
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
+        """Render messages [{"role", "content"}] with the chat template (jinja2, as transformers renders it)."""
+        template = self.chat_template
+        if template is None:
+            raise ValueError("this tokenizer has no chat template and no <|im_start|>/<|im_end|> tokens for ChatML")
+        return _compile_template(template).render(
+            messages=messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self.bos_token or "", eos_token=self.eos_token or "")
+
+
+def default_tokenizer_config(tokenizer) -> dict:
+    """tokenizer_config.json for a bare tokenizer of this project (EOS `<|endoftext|>`, ChatML tokens)."""
+    config = {}
+    if tokenizer.token_to_id(ENDOFTEXT) is not None:
+        config.update(bos_token=ENDOFTEXT, eos_token=ENDOFTEXT, unk_token=ENDOFTEXT)
+    if tokenizer.token_to_id(IM_START) is not None and tokenizer.token_to_id(IM_END) is not None:
+        config["chat_template"] = CHATML_TEMPLATE
+    return config
+
+
+_TEMPLATES: dict[str, object] = {}
+
+
+def _compile_template(template: str):
+    """A sandboxed jinja2 template with the helpers Hugging Face chat templates expect."""
+    if template not in _TEMPLATES:
+        from datetime import datetime
+
+        import jinja2
+        import jinja2.ext
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message):
+            raise jinja2.exceptions.TemplateError(message)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[jinja2.ext.loopcontrols])
+        env.filters["tojson"] = lambda x, indent=None, **_: json.dumps(x, ensure_ascii=False, indent=indent)
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        _TEMPLATES[template] = env.from_string(template)
+    return _TEMPLATES[template]
+
+
+# -------------------------------------------------------------------------------------------------- saving
+def unwrap(model: nn.Module) -> Transformer:
+    """The Transformer inside a DDP/DeepSpeed (`.module`) or torch.compile (`._orig_mod`) wrapper."""
+    while not isinstance(model, Transformer):
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if inner is None:
+            raise TypeError(f"expected a smolds Transformer (or a wrapper of one), got {type(model).__name__}")
+        model = inner
+    return model
+
+
+def save_pretrained(model: nn.Module, out_dir: str | Path, tokenizer=None, extra: dict | None = None) -> Path:
+    """Write `model` (and `tokenizer`: None, a path, a `tokenizers.Tokenizer` or a TextTokenizer) to out_dir,
+    atomically. Tensors are saved in the dtype they have; returns the final directory."""
+    from safetensors.torch import save_file
+
+    model = unwrap(model)
+    tok = TextTokenizer.coerce(tokenizer)
+    out_dir = Path(out_dir)
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        model.config.to_yaml(tmp / CONFIG_FILE)
+        state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
+        save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "producer": "smolds"})
+        if tok is not None:
+            tok.save(tmp)
+        if extra is not None:
+            (tmp / EXTRA_FILE).write_text(json.dumps(extra, indent=2, default=str) + "\n")
+        _finish_dir(tmp)
+        _replace_dir(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out_dir
+
+
+def _finish_dir(path: Path) -> None:
+    """fsync every file, and give the directory the permissions a plain mkdir would have (mkdtemp's are 0700)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in path.iterdir():
+        with open(f, "rb") as fh:
+            os.fsync(fh.fileno())
+        f.chmod(0o666 & ~umask)
+    path.chmod(0o777 & ~umask)
+
+
+def _replace_dir(src: Path, dst: Path) -> None:
+    """Rename src to dst; an existing dst is moved aside first and removed only after the rename."""
+    old = None
+    if dst.exists():
+        old = dst.with_name(f".{dst.name}.old-{os.getpid()}")
+        os.replace(dst, old)
+    try:
+        os.replace(src, dst)
+    except BaseException:
+        if old is not None:
+            os.replace(old, dst)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+# ------------------------------------------------------------------------------------------------- loading
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The consolidated directory that `path` designates (see the module docstring for what is accepted)."""
+    start = p = Path(path)
+    if not p.exists():
+        raise CheckpointError(f"checkpoint {start} does not exist")
+    if p.is_file():
+        if p.name not in (CONFIG_FILE, WEIGHTS_FILE):
+            raise CheckpointError(f"checkpoint {start} is a file; pass the directory that holds {CONFIG_FILE}")
+        p = p.parent
+    for _ in range(8):  # run dir -> checkpoints/latest -> step dir -> consolidated/
+        if (p / CONFIG_FILE).is_file():
+            if not (p / WEIGHTS_FILE).is_file():
+                raise CheckpointError(f"checkpoint {p} has {CONFIG_FILE} but no {WEIGHTS_FILE}")
+            return p
+        nxt = next((p / s for s in ("consolidated", "export") if (p / s).is_dir()), None)
+        if nxt is None:
+            latest = next((f for f in (p / "latest", p / "checkpoints" / "latest") if f.is_file()), None)
+            if latest is not None:
+                name = latest.read_text().strip()
+                nxt = latest.parent / name
+                if not name or not nxt.is_dir():
+                    raise CheckpointError(f"{latest} names {name!r}, which is not a directory beside it")
+        if nxt is None:
+            what = f"no {CONFIG_FILE}" if (p / WEIGHTS_FILE).is_file() else f"no {CONFIG_FILE} / {WEIGHTS_FILE}"
+            raise CheckpointError(
+                f"checkpoint {start}: {what} in {p} (expected a consolidated checkpoint, a step directory with "
+                f"consolidated/ or export/, or a run directory with checkpoints/latest)")
+        p = nxt
+    raise CheckpointError(f"checkpoint {start}: too many levels of consolidated/latest indirection")
+
+
+def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype: torch.dtype | None = None):
+    """-> (model in eval mode, TextTokenizer or None). dtype None keeps the saved dtype of the weights."""
+    from safetensors import safe_open
+
+    root = resolve_checkpoint(path)
+    try:
+        cfg = ModelConfig.from_yaml(root / CONFIG_FILE)
+    except ConfigError as e:
+        raise CheckpointError(f"checkpoint {root}: bad {CONFIG_FILE}: {e}") from None
+    with safe_open(str(root / WEIGHTS_FILE), framework="pt", device="cpu") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+    saved_dtype = next((v.dtype for k, v in state.items() if v.is_floating_point() and "e_score" not in k), None)
+    with torch.device(device):
+        model = Transformer(cfg)
+    if dtype is None and saved_dtype is not None:
+        dtype = saved_dtype
+    if dtype is not None:
+        model.to(dtype)  # routers keep their fp32 bias buffers
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise CheckpointError(f"checkpoint {root}: {WEIGHTS_FILE} does not match {CONFIG_FILE}: "
+                              f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "
+                              f"unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}")
+    model.eval()
+    tokenizer = TextTokenizer.load(root) if (root / TOKENIZER_FILE).is_file() else None
+    return model, tokenizer
+
+
+def read_extra(path: str | Path) -> dict:
+    """The `extra` dict a checkpoint was saved with ({} if none)."""
+    f = resolve_checkpoint(path) / EXTRA_FILE
+    return json.loads(f.read_text()) if f.is_file() else {}

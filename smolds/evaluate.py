@@ -1,0 +1,96 @@
+"""Evaluation: validation loss, perplexity and MaxVio over a whole split, plus greedy samples.
+
+    smolds eval RUN_DIR_OR_CHECKPOINT --data SHARDS [--seq-len 256] [--batches 50]
+
+MaxVio here is MaxVio_global of the loss-free balancing paper: expert loads counted over the whole
+evaluation set (summed across ranks), not per batch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import sys
+
+import torch
+
+from smolds import parallel
+from smolds.model.moe import max_violation, routers
+
+
+@torch.no_grad()
+def evaluate(model, data, max_batches: int | None, batch_size: int, device) -> dict:
+    was_training = model.training
+    model.eval()
+    loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of token losses, tokens)
+    rs = routers(model)
+    counts = torch.zeros(len(rs), rs[0].n_experts, device=device) if rs else None
+    for x, y in data.iter_eval(batch_size, max_batches=max_batches):
+        x, y = x.to(device), y.to(device)
+        out = model(x, targets=y)
+        loss_sum += torch.tensor([out.lm_loss.item() * y.numel(), y.numel()], dtype=torch.float64, device=device)
+        if counts is not None:
+            counts += torch.stack([r.last_counts.to(device) for r in rs])
+    parallel.all_reduce_(loss_sum)
+    model.train(was_training)
+    loss = float(loss_sum[0] / loss_sum[1]) if loss_sum[1] > 0 else float("nan")
+    result = {"loss": loss, "ppl": math.exp(loss) if math.isfinite(loss) and loss < 50 else float("inf"),
+              "tokens": int(loss_sum[1])}
+    if counts is not None:
+        parallel.all_reduce_(counts)
+        per_layer, mean = max_violation(counts)
+        result.update(maxvio=mean, maxvio_per_layer=per_layer.tolist())
+    return result
+
+
+@torch.no_grad()
+def greedy_samples(model, tokenizer, prompts: list[str], max_new_tokens: int) -> dict[str, str]:
+    """Greedy continuations of fixed prompts with the model's decode cache (one prompt at a time)."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer)) if not isinstance(tokenizer, Tokenizer) else tokenizer
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    out = {}
+    for prompt in prompts:
+        ids = tok.encode(prompt).ids or [0]
+        n = min(max_new_tokens, model.config.max_position_embeddings - len(ids))
+        cache = model.new_cache(1, len(ids) + n)
+        logits = model(torch.tensor([ids], device=device), cache=cache, last_only=True).logits
+        new = []
+        for _ in range(n):
+            nxt = int(logits[0, -1].argmax())
+            new.append(nxt)
+            if len(new) == n:
+                break
+            logits = model(torch.tensor([[nxt]], device=device), cache=cache).logits
+        out[prompt] = tok.decode(new)
+    model.train(was_training)
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="smolds eval", description=__doc__.split("\n\n")[0])
+    p.add_argument("checkpoint", help="a consolidated checkpoint dir, a training checkpoint or a run dir")
+    p.add_argument("--data", required=True, help="shards dir from `smolds prep`")
+    p.add_argument("--split", default="val", choices=["train", "val"])
+    p.add_argument("--seq-len", type=int, default=256)
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--batches", type=int, default=None, help="at most this many batches (default: all)")
+    p.add_argument("--device", default="cpu")
+    args = p.parse_args(argv)
+    from data_prep import TokenWindows
+
+    from smolds.checkpoint import load_pretrained
+
+    try:
+        model, _ = load_pretrained(args.checkpoint, device=args.device)
+        data = TokenWindows(args.data, split=args.split, seq_len=args.seq_len)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"smolds eval: error: {e}", file=sys.stderr)
+        return 2
+    result = evaluate(model, data, args.batches, args.batch_size, torch.device(args.device))
+    print(json.dumps(result, indent=1))
+    return 0

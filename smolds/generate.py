@@ -1,0 +1,352 @@
+"""Generation: one prefill pass over the (left-padded) prompts, then one token per step against each
+layer's cache, with greedy, temperature, top-k and top-p sampling, stop strings, and streaming.
+
+Dimension letters: B prompts in the batch, T prompt tokens (the longest), V vocabulary.
+
+The caches are whatever `model.new_cache` returns (MLA's latent + rotary key with absorbed decode, GQA's
+K/V, linear attention's constant-size state), preallocated once for prompt + new tokens; nothing here
+depends on the layer kind. Prompts of unequal length are left-padded and the prefill passes `pad_mask`,
+so every row sees only its own tokens at its own rotary positions and a batch decodes as its rows would
+one by one. `generate_ids_uncached` recomputes the whole sequence at every step without a cache: the slow
+reference the tests hold the cached path to.
+
+Layers:
+- `sample_next`, `top_k_mask`, `top_p_mask`: logits [B, V] -> next tokens [B].
+- `generate_tokens` (token ids in, one list of next ids per step out), `generate_ids`.
+- `stream_batch`, `stream`, `generate`: text in, text out (incremental detokenization, stop strings).
+- `main`: the `smolds generate CKPT "prompt"` command.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from collections.abc import Iterator, Sequence
+
+import torch
+
+from smolds.checkpoint import CheckpointError, TextTokenizer, load_pretrained
+
+
+# ------------------------------------------------------------------------------------------------ sampling
+def top_k_mask(logits: torch.Tensor, k: int | None) -> torch.Tensor:
+    """Keep the k largest logits of each row (ties with the k-th are kept too), -inf elsewhere."""
+    if k is None or k <= 0 or k >= logits.shape[-1]:
+        return logits
+    kth = logits.topk(k, dim=-1).values[..., -1:]  # [B, 1]
+    return logits.masked_fill(logits < kth, float("-inf"))
+
+
+def top_p_mask(logits: torch.Tensor, p: float | None) -> torch.Tensor:
+    """Nucleus: keep the smallest set of most likely tokens whose probability sums to >= p, -inf elsewhere.
+    A token is dropped when the tokens more likely than it already reach p; the most likely is always kept."""
+    if p is None or p >= 1.0:
+        return logits
+    if p <= 0:
+        raise ValueError(f"top_p must be in (0, 1], got {p}")
+    sorted_logits, order = logits.sort(dim=-1, descending=True)
+    probs = sorted_logits.float().softmax(dim=-1)
+    drop_sorted = (probs.cumsum(dim=-1) - probs) >= p  # mass strictly before each token
+    drop = torch.zeros_like(drop_sorted).scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | None = None,
+                top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """logits [B, V] -> token ids [B]. temperature 0 is greedy (argmax); otherwise temperature, then top-k,
+    then top-p (transformers' order), then one draw from the renormalized distribution."""
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = top_p_mask(top_k_mask(logits.float() / temperature, top_k), top_p)
+    return torch.multinomial(logits.softmax(dim=-1), 1, generator=generator).squeeze(-1)
+
+
+def _generator(device: torch.device, seed: int | None) -> torch.Generator:
+    g = torch.Generator(device=device)
+    if seed is None:
+        g.seed()
+    else:
+        g.manual_seed(seed)
+    return g
+
+
+# ----------------------------------------------------------------------------------------- prompt checks
+def fit_prompts(prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, context: int,
+                truncate: str | None = None) -> list[list[int]]:
+    """Check each prompt against the context; with truncate="left", keep the last tokens that fit."""
+    if truncate not in (None, "left"):
+        raise ValueError(f"truncate must be None or 'left', got {truncate!r}")
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if max_new_tokens >= context:
+        raise ValueError(f"max_new_tokens ({max_new_tokens}) leaves no room for a prompt in the model's context "
+                         f"of {context} tokens")
+    if not prompt_ids:
+        raise ValueError("no prompts given")
+    out = []
+    for i, ids in enumerate(prompt_ids):
+        ids = [int(t) for t in ids]
+        which = "prompt" if len(prompt_ids) == 1 else f"prompt {i}"
+        if not ids:
+            raise ValueError(f"{which} is empty (0 tokens); give some text to continue")
+        room = context - max_new_tokens
+        if len(ids) > room:
+            if truncate != "left":
+                raise ValueError(
+                    f"{which} has {len(ids)} tokens; with max_new_tokens={max_new_tokens} that exceeds the "
+                    f"model's context of {context} tokens (shorten it, lower max_new_tokens, or truncate left: "
+                    f"--truncate left keeps the last {room} tokens)")
+            ids = ids[-room:]
+        out.append(ids)
+    return out
+
+
+# ------------------------------------------------------------------------------------------- token level
+@torch.inference_mode()
+def generate_tokens(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, *, temperature: float = 0.0,
+                    top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                    eos_token_ids: Sequence[int] = (), truncate: str | None = None) -> Iterator[list[int | None]]:
+    """Yield, per decode step, the next token of every row ([B] ints); a row that has produced an eos token
+    yields None from then on. Stops when every row is done or after max_new_tokens steps."""
+    cfg = model.config
+    prompts = fit_prompts(prompt_ids, max_new_tokens, cfg.max_position_embeddings, truncate)
+    if max_new_tokens == 0:
+        return
+    device = model.embed_tokens.weight.device
+    B, T = len(prompts), max(len(p) for p in prompts)
+    ids = torch.zeros(B, T, dtype=torch.long)
+    pad_mask = torch.zeros(B, T, dtype=torch.bool)
+    for i, p in enumerate(prompts):  # left padding: every row's last prompt token is at column T-1
+        ids[i, T - len(p):] = torch.tensor(p)
+        pad_mask[i, T - len(p):] = True
+    ids, pad_mask = ids.to(device), pad_mask.to(device)
+    generator = _generator(device, seed)
+    eos = torch.tensor(sorted(set(eos_token_ids)), dtype=torch.long, device=device)
+    done = torch.zeros(B, dtype=torch.bool, device=device)
+
+    was_training = model.training
+    model.eval()
+    try:
+        cache = model.new_cache(B, T + max_new_tokens - 1)  # the last token is sampled, never fed back
+        logits = model(ids, cache=cache, pad_mask=None if bool(pad_mask.all()) else pad_mask, last_only=True).logits
+        for step in range(max_new_tokens):
+            nxt = sample_next(logits[:, -1], temperature, top_k, top_p, generator)  # [B]
+            out = [None if d else t for t, d in zip(nxt.tolist(), done.tolist())]
+            yield out
+            done |= torch.isin(nxt, eos)
+            if step == max_new_tokens - 1 or bool(done.all()):
+                return
+            logits = model(nxt[:, None], cache=cache, last_only=True).logits
+    finally:
+        model.train(was_training)
+
+
+def generate_ids(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, **kwargs) -> list[list[int]]:
+    """The new tokens of every row (eos not included); kwargs as `generate_tokens`."""
+    eos = set(kwargs.get("eos_token_ids", ()))
+    out: list[list[int]] = [[] for _ in prompt_ids]
+    done = [False] * len(prompt_ids)
+    for step in generate_tokens(model, prompt_ids, max_new_tokens, **kwargs):
+        for i, t in enumerate(step):
+            if t is None or done[i]:
+                continue
+            if t in eos:
+                done[i] = True
+            else:
+                out[i].append(t)
+    return out
+
+
+@torch.inference_mode()
+def generate_ids_uncached(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, *,
+                          temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
+                          seed: int | None = None, eos_token_ids: Sequence[int] = ()) -> list[list[int]]:
+    """The slow reference: no cache, no padding; each row alone, the whole sequence recomputed every step."""
+    was_training = model.training
+    model.eval()
+    device = model.embed_tokens.weight.device
+    outs = []
+    try:
+        for p in fit_prompts(prompt_ids, max_new_tokens, model.config.max_position_embeddings):
+            generator = _generator(device, seed)
+            seq, new = list(p), []
+            for _ in range(max_new_tokens):
+                logits = model(torch.tensor([seq], device=device), last_only=True).logits[:, -1]
+                t = int(sample_next(logits, temperature, top_k, top_p, generator)[0])
+                if t in eos_token_ids:
+                    break
+                seq.append(t)
+                new.append(t)
+            outs.append(new)
+    finally:
+        model.train(was_training)
+    return outs
+
+
+# -------------------------------------------------------------------------------------------- text level
+class _Detokenizer:
+    """Turns one row's new token ids into text deltas: holds back an incomplete UTF-8 character and any tail
+    that could still become a stop string, and cuts the text before the first stop string."""
+
+    def __init__(self, tokenizer: TextTokenizer, stop: Sequence[str]):
+        self.tokenizer, self.stop = tokenizer, [s for s in stop if s]
+        self.ids: list[int] = []
+        self.emitted = ""
+        self.done = False
+
+    def push(self, token: int) -> str:
+        self.ids.append(token)
+        text = self.tokenizer.decode(self.ids)
+        if text.endswith("\ufffd"):  # a character split across tokens: wait for its last byte
+            return ""
+        return self._emit(text, final=False)
+
+    def finish(self) -> str:
+        return "" if self.done else self._emit(self.tokenizer.decode(self.ids), final=True)
+
+    def _emit(self, text: str, final: bool) -> str:
+        if self.stop:
+            lo = max(0, len(self.emitted) - max(map(len, self.stop)))
+            hits = [i for i in (text.find(s, lo) for s in self.stop) if i >= 0]
+            if hits:
+                text, final = text[: min(hits)], True
+        end = len(text)
+        if not final:  # hold back the longest tail that is a proper prefix of a stop string
+            for s in self.stop:
+                for n in range(min(len(s) - 1, len(text)), 0, -1):
+                    if text.endswith(s[:n]):
+                        end = min(end, len(text) - n)
+                        break
+        end = max(end, len(self.emitted))
+        delta = text[len(self.emitted) : end]
+        self.emitted += delta
+        self.done = final
+        return delta
+
+
+def stream_batch(model, tokenizer, prompts: Sequence[str], max_new_tokens: int = 128, temperature: float = 1.0,
+                 top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+                 stop: Sequence[str] | str | None = None, truncate: str | None = None,
+                 eos_token_ids: Sequence[int] | None = None) -> Iterator[list[str]]:
+    """Yield, per decode step, the new text of every row ("" where there is none yet)."""
+    tok = TextTokenizer.coerce(tokenizer)
+    if tok is None:
+        raise ValueError("generation from text needs a tokenizer (the checkpoint has no tokenizer.json)")
+    stop = [stop] if isinstance(stop, str) else list(stop or [])
+    eos = tok.eos_token_ids if eos_token_ids is None else list(eos_token_ids)
+    rows = [_Detokenizer(tok, stop) for _ in prompts]
+    steps = generate_tokens(model, [tok.encode(p) for p in prompts], max_new_tokens, temperature=temperature,
+                            top_k=top_k, top_p=top_p, seed=seed, eos_token_ids=eos, truncate=truncate)
+    try:
+        for step in steps:
+            deltas = []
+            for row, t in zip(rows, step):
+                if row.done or t is None:
+                    deltas.append("")
+                elif t in eos:
+                    deltas.append(row.finish())
+                else:
+                    deltas.append(row.push(t))
+            if any(deltas):
+                yield deltas
+            if all(r.done for r in rows):
+                return
+        tail = [r.finish() for r in rows]
+        if any(tail):
+            yield tail
+    finally:
+        steps.close()
+
+
+def stream(model, tokenizer, prompt: str, **kwargs) -> Iterator[str]:
+    """Yield the continuation of one prompt piece by piece; kwargs as `generate`."""
+    for deltas in stream_batch(model, tokenizer, [prompt], **kwargs):
+        if deltas[0]:
+            yield deltas[0]
+
+
+def generate(model, tokenizer, prompts: str | Sequence[str], max_new_tokens: int = 128, temperature: float = 1.0,
+             top_k: int | None = None, top_p: float | None = None, seed: int | None = None,
+             stop: Sequence[str] | str | None = None, truncate: str | None = None,
+             eos_token_ids: Sequence[int] | None = None) -> str | list[str]:
+    """Continue one prompt (-> str) or a batch of prompts of any lengths (-> list[str], one prefill pass).
+
+    temperature 0 is greedy; top_k/top_p None or 0/1 are off; seed makes sampling reproducible; generation of
+    a row ends at an eos token (the tokenizer's, default `<|endoftext|>`), a stop string (not included in the
+    text) or after max_new_tokens; truncate="left" keeps the end of a prompt too long for the context."""
+    single = isinstance(prompts, str)
+    batch = [prompts] if single else list(prompts)
+    texts = [""] * len(batch)
+    for deltas in stream_batch(model, tokenizer, batch, max_new_tokens, temperature, top_k, top_p, seed, stop,
+                               truncate, eos_token_ids):
+        texts = [t + d for t, d in zip(texts, deltas)]
+    return texts[0] if single else texts
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def add_sampling_args(p: argparse.ArgumentParser, max_new_tokens: int = 256) -> None:
+    p.add_argument("--max-new-tokens", type=int, default=max_new_tokens, help="tokens to generate at most")
+    p.add_argument("--temperature", type=float, default=0.7, help="0 = greedy")
+    p.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0 = off)")
+    p.add_argument("--top-p", type=float, default=0.9, help="nucleus sampling mass (1 = off)")
+    p.add_argument("--seed", type=int, default=None, help="makes sampling reproducible")
+    p.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    p.add_argument("--truncate", choices=["left"], default=None,
+                   help="keep the end of a prompt too long for the context instead of failing")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: as saved")
+
+
+def sampling_kwargs(args) -> dict:
+    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k or None,
+                top_p=args.top_p, seed=args.seed, stop=args.stop, truncate=args.truncate)
+
+
+def load_for_cli(prog: str, path: str, args):
+    """(model, tokenizer) or a printed one-line error and None."""
+    try:
+        model, tok = load_pretrained(path, device=args.device, dtype=DTYPES.get(args.dtype))
+    except (CheckpointError, ValueError) as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return None
+    if tok is None:
+        print(f"{prog}: error: checkpoint {path} has no tokenizer.json; generation needs one", file=sys.stderr)
+        return None
+    return model, tok
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="smolds generate", description="Continue prompts with a checkpoint "
+                                "(one prompt streams to the terminal; several run as one batch).")
+    p.add_argument("checkpoint", help="checkpoint directory (or a run/step directory of the trainer)")
+    p.add_argument("prompts", nargs="+", help="prompt text(s)")
+    add_sampling_args(p)
+    args = p.parse_args(argv)
+    loaded = load_for_cli("smolds generate", args.checkpoint, args)
+    if loaded is None:
+        return 1
+    model, tok = loaded
+    try:
+        if len(args.prompts) == 1:
+            sys.stdout.write(args.prompts[0])
+            for piece in stream(model, tok, args.prompts[0], **sampling_kwargs(args)):
+                sys.stdout.write(piece)
+                sys.stdout.flush()
+            sys.stdout.write("\n")
+        else:
+            for i, (prompt, text) in enumerate(zip(args.prompts, generate(model, tok, args.prompts,
+                                                                         **sampling_kwargs(args)))):
+                print(f"=== {i}\n{prompt}{text}")
+    except ValueError as e:
+        print(f"smolds generate: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

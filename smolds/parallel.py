@@ -1,0 +1,98 @@
+"""Process groups: where a rank learns who it is, and the expert-parallel groups from DeepSpeed.
+
+Rank and world come from torchrun (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR/PORT) or, when a job was
+started by `srun` directly, from Slurm (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID, first node of the job as
+the master). A plain `python -m smolds train` is a world of one on a free local port.
+
+Groups: every rank is a data-parallel rank for the dense parameters (attention, shared experts, router).
+With ep_size > 1, consecutive ranks form an expert-parallel group that splits the routed experts, and
+ranks holding the same experts form an expert-data-parallel group that averages their gradients
+(DeepSpeed's `ep_size_<N>` groups, so its ZeRO optimizer reduces expert gradients over the right ranks).
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import subprocess
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass
+class Env:
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+    backend: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def env_from_launcher() -> tuple[int, int, int]:
+    """(rank, world, local_rank), filling torch.distributed's env variables from Slurm or defaults."""
+    e = os.environ
+    if "RANK" not in e and "SLURM_PROCID" in e and "SLURM_NTASKS" in e:
+        e["RANK"], e["WORLD_SIZE"] = e["SLURM_PROCID"], e["SLURM_NTASKS"]
+        e["LOCAL_RANK"] = e.get("SLURM_LOCALID", "0")
+        if "MASTER_ADDR" not in e:
+            nodes = subprocess.run(["scontrol", "show", "hostnames", e.get("SLURM_JOB_NODELIST", "")],
+                                   capture_output=True, text=True, check=False).stdout.split()
+            e["MASTER_ADDR"] = nodes[0] if nodes else "127.0.0.1"
+        e.setdefault("MASTER_PORT", str(29500 + int(e.get("SLURM_JOB_ID", "0")) % 1000))
+    if "RANK" not in e:
+        e.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        e.setdefault("MASTER_ADDR", "127.0.0.1")
+        e.setdefault("MASTER_PORT", str(_free_port()))
+    return int(e["RANK"]), int(e["WORLD_SIZE"]), int(e.get("LOCAL_RANK", "0"))
+
+
+def init(device: str = "auto") -> Env:
+    """Start torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU); idempotent."""
+    rank, world, local_rank = env_from_launcher()
+    use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
+    if use_cuda and not torch.cuda.is_available():
+        raise RuntimeError("train.device is cuda but no GPU is visible; use --train.device cpu")
+    backend = "nccl" if use_cuda else "gloo"
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
+                                   timeout=datetime.timedelta(minutes=30), verbose=False)
+    dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+    return Env(rank=rank, world=world, local_rank=local_rank, device=dev, backend=backend)
+
+
+def expert_groups(ep_size: int):
+    """Create (once) and return this rank's expert-parallel group and its DeepSpeed group name."""
+    from deepspeed.utils import groups
+
+    name = f"ep_size_{ep_size}"
+    if name not in groups._get_expert_parallel_group_dict():
+        groups._create_expert_and_data_parallel(ep_size)
+    return groups._get_expert_parallel_group(name), name
+
+
+def all_reduce_(t: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tensor:
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size(group) > 1:
+        dist.all_reduce(t, op=op, group=group)
+    return t
+
+
+def barrier():
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()

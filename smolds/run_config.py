@@ -1,0 +1,182 @@
+"""Run configuration: one YAML with sections model / data / train / eval / deepspeed / logging.
+
+Every field can be overridden on the command line as `--section.field value` (values are parsed as YAML,
+so `--train.lr 3e-3`, `--model.attention_pattern [linear,mla]` and `--logging.wandb online` all work).
+`model` is a preset name, a path to a model YAML, or a mapping (optionally `preset: NAME` plus overrides).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+import yaml
+
+from smolds.config import ConfigError, ModelConfig
+
+DEFAULT_DATA_DIR = "data/pydoc-bpe4096"  # where the embedded default corpus is prepared
+
+
+@dataclass
+class DataConfig:
+    dir: str = DEFAULT_DATA_DIR  # shards from `smolds prep`; the default dir is prepared on first use
+
+
+@dataclass
+class TrainConfig:
+    out_dir: str = "runs/tiny"
+    steps: int = 400
+    seq_len: int = 128
+    micro_batch: int = 16  # sequences per rank per micro-step
+    grad_accum: int = 1
+    global_batch: int | None = None  # if set, must equal micro_batch * grad_accum * ranks
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.0  # final lr = lr * min_lr_ratio
+    schedule: str = "wsd"  # wsd (warmup-stable-decay, SmolLM2) or cosine
+    warmup_steps: int = 40
+    decay_fraction: float = 0.2  # WSD: linear decay over the last 20% of steps
+    weight_decay: float = 0.01  # on matrices only
+    beta1: float = 0.9
+    beta2: float = 0.95
+    eps: float = 1e-8
+    grad_clip: float = 1.0
+    seed: int = 0
+    device: str = "auto"  # auto | cpu | cuda
+    dtype: str = "auto"  # auto (bf16 on GPU, fp32 on CPU) | bf16 | fp32
+    log_every: int = 10
+    eval_every: int = 100
+    eval_batches: int = 20
+    checkpoint_every: int = 200
+    keep_checkpoints: int = 2
+    max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
+
+
+@dataclass
+class EvalConfig:
+    prompts: list[str] = field(default_factory=lambda: ["The ", "def ", "In Python, "])
+    sample_tokens: int = 32
+
+
+@dataclass
+class DeepSpeedSection:
+    zero_stage: int = 0  # 0, 1, 2 (3 is refused with MoE, as by DeepSpeed)
+    ep_size: int = 1  # routed experts split across this many ranks
+    config: dict = field(default_factory=dict)  # extra raw DeepSpeed config, merged last
+
+
+@dataclass
+class LoggingConfig:
+    wandb: str = "offline"  # offline | online | disabled
+    project: str = "smolds"
+    run_name: str | None = None
+
+
+SECTIONS = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig, "deepspeed": DeepSpeedSection,
+            "logging": LoggingConfig}
+
+
+@dataclass
+class RunConfig:
+    model: str | dict = "tiny"
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+    deepspeed: DeepSpeedSection = field(default_factory=DeepSpeedSection)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self):
+        self.validate()
+
+    def model_config(self) -> ModelConfig:
+        return ModelConfig.load(self.model)
+
+    def validate(self):
+        t, d = self.train, self.deepspeed
+        for name in ("steps", "seq_len", "micro_batch", "grad_accum", "log_every", "eval_every",
+                     "checkpoint_every", "keep_checkpoints", "eval_batches", "max_nonfinite_steps"):
+            if not isinstance(getattr(t, name), int) or getattr(t, name) <= 0:
+                raise ConfigError(f"train.{name}: must be a positive integer, got {getattr(t, name)!r}")
+        if t.schedule not in ("wsd", "cosine"):
+            raise ConfigError(f"train.schedule: unknown {t.schedule!r}; allowed: wsd, cosine")
+        if t.device not in ("auto", "cpu", "cuda"):
+            raise ConfigError(f"train.device: unknown {t.device!r}; allowed: auto, cpu, cuda")
+        if t.dtype not in ("auto", "bf16", "fp32"):
+            raise ConfigError(f"train.dtype: unknown {t.dtype!r}; allowed: auto, bf16, fp32")
+        if not 0 <= t.decay_fraction <= 1:
+            raise ConfigError("train.decay_fraction: must be in [0, 1]")
+        if d.zero_stage not in (0, 1, 2, 3):
+            raise ConfigError(f"deepspeed.zero_stage: must be 0, 1, 2 or 3, got {d.zero_stage!r}")
+        if not isinstance(d.ep_size, int) or d.ep_size <= 0:
+            raise ConfigError(f"deepspeed.ep_size: must be a positive integer, got {d.ep_size!r}")
+        if self.logging.wandb not in ("offline", "online", "disabled"):
+            raise ConfigError(f"logging.wandb: unknown {self.logging.wandb!r}; allowed: offline, online, disabled")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+    @classmethod
+    def from_dict(cls, d: dict) -> RunConfig:
+        d = dict(d or {})
+        unknown = sorted(set(d) - {"model", *SECTIONS})
+        if unknown:
+            raise ConfigError(f"unknown section(s) {', '.join(unknown)}; allowed: model, {', '.join(SECTIONS)}")
+        kwargs = {}
+        if "model" in d:
+            kwargs["model"] = d["model"]
+        for name, section_cls in SECTIONS.items():
+            values = d.get(name) or {}
+            known = {f.name for f in fields(section_cls)}
+            bad = sorted(set(values) - known)
+            if bad:
+                raise ConfigError(f"{name}: unknown key(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
+            kwargs[name] = section_cls(**values)
+        return cls(**kwargs)
+
+    @classmethod
+    def load(cls, path: str | Path | None = None, overrides: list[str] | None = None) -> RunConfig:
+        d = {}
+        if path is not None:
+            path = Path(path)
+            if not path.is_file():
+                raise ConfigError(f"run config {path} does not exist; see configs/*.yaml for examples")
+            d = yaml.safe_load(path.read_text()) or {}
+        return cls.from_dict(apply_overrides(d, overrides or []))
+
+
+def apply_overrides(d: dict, overrides: list[str]) -> dict:
+    """Apply ['--train.lr', '3e-3', '--model.num_hidden_layers=2', ...] to a nested dict."""
+    d = {k: (dict(v) if isinstance(v, dict) else v) for k, v in d.items()}
+    i = 0
+    while i < len(overrides):
+        arg = overrides[i]
+        if not arg.startswith("--") or "." not in arg:
+            raise ConfigError(f"unexpected argument {arg!r}; overrides look like --train.lr 3e-3")
+        key, eq, value = arg[2:].partition("=")
+        if not eq:
+            if i + 1 >= len(overrides):
+                raise ConfigError(f"override {arg} needs a value, e.g. {arg} 3e-3")
+            value = overrides[i + 1]
+            i += 1
+        i += 1
+        section, _, name = key.partition(".")
+        parsed = yaml.safe_load(value) if value != "" else ""
+        if section == "model":
+            model = d.get("model", "tiny")
+            if not isinstance(model, dict):
+                model = {"preset": model} if not str(model).endswith((".yaml", ".yml")) else dict(
+                    ModelConfig.from_yaml(model).to_dict())
+            model[name] = parsed
+            d["model"] = model
+        else:
+            target = d.setdefault(section, {})
+            if not isinstance(target, dict):
+                raise ConfigError(f"cannot override {key}: section {section!r} is not a mapping")
+            target[name] = parsed
+    return d

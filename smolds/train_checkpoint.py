@@ -1,0 +1,153 @@
+"""Training checkpoints: DeepSpeed's sharded engine state + trainer state, written so that nothing is lost.
+
+Layout of `OUT_DIR/checkpoints/`:
+    step_0000200/                 one complete checkpoint
+        step_0000200/ ...         DeepSpeed's files (model states, ZeRO optimizer shards per rank)
+        experts_ep{r}.safetensors this EP rank's routed experts (only with expert parallelism)
+        trainer_state.json        step, data position, RNG states, router biases, counters
+        consolidated/             config.yaml + model.safetensors + tokenizer.json: loads without DeepSpeed
+    latest                        text: the name of the newest complete checkpoint
+
+Atomicity: every rank writes into `step_N.tmp/`; after a barrier rank 0 renames it to `step_N/` and then
+replaces `latest` (write temp + os.replace). A crash at any point leaves `latest` naming the previous
+complete checkpoint, and a stale `.tmp` is removed by the next save. Older checkpoints beyond
+`keep` are deleted only after the new `latest` is in place.
+
+Expert parallelism: each rank holds different experts under the same parameter names, which DeepSpeed's
+model-state file (written by rank 0) cannot represent, so each EP rank also writes its own experts.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import shutil
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import load_file, save_file
+
+from smolds.model.moe import RoutedExperts, routers
+from smolds.parallel import barrier
+
+STATE_FILE = "trainer_state.json"
+
+
+def _atomic_write_text(path: Path, text: str):
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def rng_state() -> dict:
+    s = {"torch": base64.b64encode(torch.get_rng_state().numpy().tobytes()).decode()}
+    if torch.cuda.is_available():
+        s["cuda"] = base64.b64encode(torch.cuda.get_rng_state().numpy().tobytes()).decode()
+    return s
+
+
+def set_rng_state(s: dict):
+    def dec(v):
+        import numpy as np
+
+        return torch.from_numpy(np.frombuffer(base64.b64decode(v), dtype=np.uint8).copy())
+
+    torch.set_rng_state(dec(s["torch"]))
+    if "cuda" in s and torch.cuda.is_available():
+        torch.cuda.set_rng_state(dec(s["cuda"]))
+
+
+def router_biases(model) -> dict[str, list[float]]:
+    return {name: m.e_score_correction_bias.tolist() for name, m in model.named_modules() if m in routers(model)}
+
+
+def _expert_modules(model) -> list[tuple[str, RoutedExperts]]:
+    return [(n, m) for n, m in model.named_modules() if isinstance(m, RoutedExperts)]
+
+
+def local_expert_state(model) -> dict[str, torch.Tensor]:
+    return {f"{n}.{w}": getattr(m, w).detach().float().cpu().contiguous()
+            for n, m in _expert_modules(model) for w in ("gate_proj", "up_proj", "down_proj")}
+
+
+def full_state_dict(model, ep_group) -> dict[str, torch.Tensor]:
+    """The whole model's state dict on every rank, with routed experts gathered across the EP group."""
+    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    if ep_group is None:
+        return state
+    P = dist.get_world_size(ep_group)
+    for key, local in local_expert_state(model).items():
+        parts = [torch.empty_like(local) for _ in range(P)]
+        dist.all_gather(parts, local, group=ep_group)
+        state[key] = torch.cat(parts).to(state[key].dtype)
+    return state
+
+
+def latest_checkpoint(ckpt_root: Path) -> Path | None:
+    f = Path(ckpt_root) / "latest"
+    if not f.is_file():
+        return None
+    path = Path(ckpt_root) / f.read_text().strip()
+    return path if (path / STATE_FILE).is_file() else None
+
+
+def save(engine, model, ckpt_root: Path, step: int, trainer_state: dict, *, is_main: bool, ep_group=None,
+         keep: int = 2, export=None):
+    """Save every rank's share; `export(state_dict, out_dir)` writes the consolidated copy on rank 0."""
+    ckpt_root = Path(ckpt_root)
+    tag = f"step_{step:07d}"
+    tmp = ckpt_root / f"{tag}.tmp"
+    if is_main:
+        ckpt_root.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(ckpt_root / tag, ignore_errors=True)
+    barrier()
+    engine.save_checkpoint(str(tmp), tag=tag, client_state={"smolds_step": step}, save_latest=False)
+    if ep_group is not None:
+        ep_rank = dist.get_rank(ep_group)
+        if dist.get_rank() < dist.get_world_size(ep_group):  # the first EP group holds every expert once
+            save_file(local_expert_state(model), str(tmp / f"experts_ep{ep_rank}.safetensors"))
+    state = full_state_dict(model, ep_group) if export is not None else None
+    if is_main:
+        if export is not None:
+            export(state, tmp / "consolidated")
+        trainer_state = {**trainer_state, "step": step, "rng": rng_state(), "router_biases": router_biases(model)}
+        _atomic_write_text(tmp / STATE_FILE, json.dumps(trainer_state, indent=1))
+    barrier()
+    if is_main:
+        os.replace(tmp, ckpt_root / tag)
+        _atomic_write_text(ckpt_root / "latest", tag)
+        done = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
+        for old in done[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    barrier()
+    return ckpt_root / tag
+
+
+def load(engine, model, path: Path, ep_group=None) -> dict:
+    """Restore engine (weights, optimizer shards) and return the trainer state; biases and RNG restored."""
+    path = Path(path)
+    tag = path.name
+    load_path, _ = engine.load_checkpoint(str(path), tag=tag, load_module_strict=True)
+    if load_path is None:
+        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}; it may be incomplete or from "
+                           "another run: pass another --train.out_dir or delete it")
+    if ep_group is not None:
+        ep_rank = dist.get_rank(ep_group)
+        shard = load_file(str(path / f"experts_ep{ep_rank}.safetensors"))
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for key, value in shard.items():
+                params[key].copy_(value)
+    state = json.loads((path / STATE_FILE).read_text())
+    named = dict(model.named_modules())
+    with torch.no_grad():
+        for name, values in state.get("router_biases", {}).items():
+            named[name].e_score_correction_bias.copy_(torch.tensor(values))
+    set_rng_state(state["rng"])
+    return state

@@ -1,0 +1,160 @@
+"""The trainer in one process (DeepSpeed engine, gloo world of one): loss, resume, crashes, bad input."""
+
+import json
+from pathlib import Path
+
+import pytest
+
+from smolds.config import ConfigError
+from smolds.run_config import RunConfig
+from smolds.train import TrainError, train
+from smolds.train_checkpoint import latest_checkpoint
+
+TINY = ["--model.num_hidden_layers", "2", "--train.seq_len", "32", "--train.micro_batch", "4",
+        "--train.warmup_steps", "2", "--train.eval_batches", "2", "--logging.wandb", "disabled",
+        "--eval.sample_tokens", "4"]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    from data_prep import prepare_default
+
+    d = tmp_path_factory.mktemp("data") / "pydoc"
+    prepare_default(d)
+    return d
+
+
+def cfg(data_dir, out_dir, *overrides):
+    return RunConfig.load(None, [*TINY, "--data.dir", str(data_dir), "--train.out_dir", str(out_dir), *overrides])
+
+
+def train_losses(out_dir) -> dict[int, float]:
+    rows = [json.loads(line) for line in open(Path(out_dir) / "metrics.jsonl")]
+    return {r["step"]: r["loss"] for r in rows if r["kind"] == "train" and "loss" in r}
+
+
+def test_short_default_run_learns_and_writes_everything(data_dir, tmp_path):
+    out = tmp_path / "run"
+    s = train(cfg(data_dir, out, "--train.steps", "40", "--train.log_every", "1", "--train.eval_every", "20"))
+    losses = train_losses(out)
+    assert len(losses) == 40
+    first, last = sum(list(losses.values())[:3]) / 3, sum(list(losses.values())[-3:]) / 3
+    assert last < first - 1.0, (first, last)
+    assert s["val_loss"] < first and set(s["samples"]) == {"The ", "def ", "In Python, "}
+    ck = latest_checkpoint(out / "checkpoints")
+    assert ck is not None and ck.name == "step_0000040"
+    assert (ck / "consolidated" / "model.safetensors").is_file() and (ck / "consolidated" / "tokenizer.json").is_file()
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    train_rows = [r for r in rows if r["kind"] == "train"]
+    assert "maxvio" in train_rows[-1] and len(train_rows[-1]["expert_counts"]) == 1  # 1 MoE layer of 2
+    assert any(r["kind"] == "eval" and "maxvio" in r for r in rows)
+
+
+def test_resume_matches_uninterrupted_run(data_dir, tmp_path, monkeypatch):
+    import smolds.train
+
+    common = ["--train.steps", "12", "--train.log_every", "1", "--train.eval_every", "100",
+              "--train.checkpoint_every", "100"]
+    train(cfg(data_dir, tmp_path / "full", *common))
+    # Interrupted: a preemption signal arrives during step 6; the run checkpoints there and returns.
+    checks = {"n": 0}
+
+    def preempt_at_6(self, device):
+        checks["n"] += 1
+        return checks["n"] == 6
+
+    monkeypatch.setattr(smolds.train.Preemption, "requested", preempt_at_6)
+    s = train(cfg(data_dir, tmp_path / "part", *common))
+    assert s["preempted"] and s["step"] == 6
+    monkeypatch.undo()
+    train(cfg(data_dir, tmp_path / "part", *common), resume=True)
+    full, part = train_losses(tmp_path / "full"), train_losses(tmp_path / "part")
+    assert sorted(part) == list(range(1, 13))
+    for step in range(7, 13):
+        assert part[step] == pytest.approx(full[step], rel=1e-6, abs=1e-6), step
+
+
+def test_crash_while_checkpointing_keeps_previous_checkpoint(data_dir, tmp_path, monkeypatch):
+    import smolds.train_checkpoint as ckpt
+
+    out = tmp_path / "run"
+    common = ["--train.steps", "4", "--train.checkpoint_every", "2", "--train.eval_every", "100"]
+    calls = {"n": 0}
+    real = ckpt._atomic_write_text
+
+    def crash_on_second_state(path, text):
+        if path.name == ckpt.STATE_FILE:
+            calls["n"] += 1
+            if calls["n"] == 2:
+                raise OSError("disk full (injected)")
+        return real(path, text)
+
+    monkeypatch.setattr(ckpt, "_atomic_write_text", crash_on_second_state)
+    with pytest.raises(OSError, match="injected"):
+        train(cfg(data_dir, out, *common))
+    monkeypatch.setattr(ckpt, "_atomic_write_text", real)
+    assert latest_checkpoint(out / "checkpoints").name == "step_0000002"
+    assert (out / "checkpoints" / "step_0000004.tmp").exists()  # the partial one, never pointed to
+    s = train(cfg(data_dir, out, *common), resume=True)
+    assert s["step"] == 4 and latest_checkpoint(out / "checkpoints").name == "step_0000004"
+    assert not (out / "checkpoints" / "step_0000004.tmp").exists()
+
+
+def test_nonfinite_losses_are_skipped_then_stop(data_dir, tmp_path, monkeypatch):
+    from smolds.model.transformer import Transformer
+
+    real = Transformer.forward
+    calls = {"n": 0}
+
+    def sometimes_nan(self, *a, **k):
+        out = real(self, *a, **k)
+        if self.training:
+            calls["n"] += 1
+            if calls["n"] in (3, 4) or calls["n"] >= 8:
+                out.loss = out.loss * float("nan")
+        return out
+
+    monkeypatch.setattr(Transformer, "forward", sometimes_nan)
+    out = tmp_path / "run"
+    with pytest.raises(TrainError, match="3 non-finite losses in a row"):
+        train(cfg(data_dir, out, "--train.steps", "20", "--train.max_nonfinite_steps", "3",
+                  "--train.eval_every", "100", "--train.checkpoint_every", "5", "--train.log_every", "1"))
+    rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    skipped = [r["step"] for r in rows if r.get("skipped_nonfinite")]
+    assert skipped == [3, 4, 8, 9, 10]
+    # The checkpoint at step 5 was written from finite weights; nothing later was saved.
+    assert latest_checkpoint(out / "checkpoints").name == "step_0000005"
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["--model.preset", "huge"], "unknown preset 'huge'"),
+    (["--train.seq_len", "4096"], "longer than the model's context"),
+    (["--train.global_batch", "7"], "global_batch 7 != micro_batch 4"),
+    (["--deepspeed.ep_size", "3"], "ep_size 3 must divide n_routed_experts 8"),
+    (["--deepspeed.ep_size", "2"], "ep_size 2 must divide the number of ranks 1"),
+    (["--deepspeed.zero_stage", "3"], "ZeRO-3"),
+    (["--train.lr_max", "1"], "train: unknown key"),
+    (["--train.schedule", "linear"], "train.schedule"),
+])
+def test_bad_run_inputs(data_dir, tmp_path, overrides, message):
+    with pytest.raises((ConfigError, TrainError), match=message):
+        train(cfg(data_dir, tmp_path / "x", *overrides))
+
+
+def test_missing_shards_and_foreign_out_dir(data_dir, tmp_path):
+    with pytest.raises(TrainError, match="holds no shards.*smolds prep"):
+        train(cfg(tmp_path / "nothing", tmp_path / "x"))
+    out = tmp_path / "run"
+    train(cfg(data_dir, out, "--train.steps", "2", "--train.eval_every", "100"))
+    with pytest.raises(TrainError, match="already holds a run; pass --resume"):
+        train(cfg(data_dir, out, "--train.steps", "2"))
+    with pytest.raises(TrainError, match="different model"):
+        train(cfg(data_dir, out, "--train.steps", "4", "--model.hidden_size", "64"), resume=True)
+
+
+def test_cli_reports_errors_in_one_line(capsys, tmp_path):
+    from smolds.train import main
+
+    assert main(["--train.out_dir", str(tmp_path), "--data.dir", str(tmp_path / "none")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("smolds train: error:") and "smolds prep" in err[0]
