@@ -29,6 +29,7 @@ import datetime
 import fcntl
 import hashlib
 import io
+import itertools
 import json
 import multiprocessing as mp
 import os
@@ -94,7 +95,9 @@ def prepare(
     out = Path(out_dir)
     srcs = resolve_sources(list(sources))
     tok = None if tokenizer == "bpe" else load_tokenizer(tokenizer)
-    _pick_dtype(dtype, vocab_size if tok is None else vocab_size_of(tok))  # fail before any work
+    _pick_dtype(dtype, vocab_size if tok is None else vocab_size_of(tok))  # fail before any work ...
+    if tok is not None:
+        eos_id(tok)  # ... on a vocabulary too large for the dtype or without an EOS
     settings = {
         "format": FORMAT,
         "sources": [s.identity() for s in srcs],
@@ -108,10 +111,15 @@ def prepare(
     command = command or _as_command(sources, out, tokenizer, vocab_size, workers, shard_tokens,
                                      val_fraction, text_field, dtype)
 
+    if out.exists() and not out.is_dir():
+        raise DataError(f"--out {out} is a file; choose a directory")
     out.mkdir(parents=True, exist_ok=True)
     with _locked(out):
         state = _claim(out, key, overwrite)
         if state is not None and state.get("complete"):
+            if progress:
+                print(f"smolds prep: {out} already holds this dataset ({state['tokens']:,} tokens); nothing to do",
+                      file=sys.stderr)
             return state
         if next(iter_documents(srcs, text_field), None) is None:
             raise DataError(f"no documents in {' '.join(map(str, sources))}: every source is empty; "
@@ -261,8 +269,9 @@ def _chunks(docs: Iterable[str], frac: Fraction, cursors: dict) -> Iterator[tupl
 def _tokenized(chunks: Iterable, tok_json: str, eos: int, workers: int) -> Iterator:
     """(split, ids, tokens, lengths) per chunk, in submission order, from a pool of spawned processes.
 
-    At most two chunks per worker are in flight, so memory stays bounded on any corpus size. `spawn`
-    (not fork) because the tokenizers library's thread pool does not survive a fork.
+    At most two chunks per worker are in flight, so memory stays bounded on any corpus size. `spawn`,
+    not fork: the caller may be running threads (the tokenizers library's pool after BPE training,
+    torch's in the trainer), and forking a threaded process can deadlock the child.
     """
     with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(tok_json, eos)) as pool:
         inflight: deque = deque()
@@ -291,14 +300,11 @@ def _init_worker(tok_json: str, eos: int) -> None:
 def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     """Token ids of the documents, each followed by EOS, concatenated; and each document's length."""
     tok, eos = _WORKER["tok"], _WORKER["eos"]
-    encodings = tok.encode_batch_fast(texts, add_special_tokens=False)  # no BOS/EOS templates: EOS is ours
-    lengths = np.fromiter((len(e.ids) + 1 for e in encodings), dtype=np.int64, count=len(encodings))
-    tokens = np.empty(int(lengths.sum()), dtype=np.uint32)
-    end = 0
-    for e, n in zip(encodings, lengths):
-        tokens[end:end + n - 1] = e.ids
-        tokens[end + n - 1] = eos
-        end += n
+    docs = [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]  # no BOS/EOS templates
+    for ids in docs:
+        ids.append(eos)
+    lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
+    tokens = np.fromiter(itertools.chain.from_iterable(docs), dtype=np.uint32, count=int(lengths.sum()))
     return tokens, lengths
 
 

@@ -132,7 +132,7 @@ class TokenWindows:
         for row, w in enumerate(ids):
             self._read(int(w) * span, buf[row])
         data = torch.from_numpy(buf)
-        return data[:, :-1], data[:, 1:]  # x, y: (B, T)
+        return data[:, :-1].contiguous(), data[:, 1:].contiguous()  # x, y: (B, T)
 
     def _read(self, start: int, out: np.ndarray) -> None:
         """Copy tokens [start, start + len(out)) of the split's stream into out, across shard ends."""

@@ -88,6 +88,8 @@ def load_tokenizer(path_or_dir: str | os.PathLike) -> Tokenizer:
             return Tokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a bare Exception for malformed JSON
             raise DataError(f"{path} is not a Hugging Face tokenizer.json ({first_line(e)})") from None
+    if path.suffix == ".json" or spec.startswith(("/", ".", "~")) or spec.count("/") > 1:
+        raise DataError(f"no such tokenizer file or folder: {spec}; check the path")
     try:
         return Tokenizer.from_pretrained(spec)
     except Exception as e:

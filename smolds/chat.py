@@ -45,13 +45,14 @@ class ChatSession:
 
     def reply(self, user: str) -> Iterator[str]:
         """Stream the assistant's answer to `user`; the answer joins the history once complete."""
+        before = list(self.messages)
         self.messages.append({"role": "user", "content": user})
         text = self.prompt()
         try:
             fit_prompts([self.tokenizer.encode(text)], self.sampling.get("max_new_tokens", 256),
                         self.model.config.max_position_embeddings, self.sampling.get("truncate"))
         except ValueError:
-            self.messages.pop()
+            self.messages = before  # a message that cannot fit even alone changes nothing
             raise
         answer = []
         for piece in stream(self.model, self.tokenizer, text, eos_token_ids=self.eos, **self.sampling):

@@ -183,7 +183,7 @@ class ModelConfig:
         unknown = sorted(set(d) - known)
         if unknown:
             raise ConfigError(f"model: unknown key(s) {', '.join(unknown)}; known keys: {', '.join(sorted(known))}")
-        return cls(**d)
+        return cls(**coerce_numbers(cls, d, "model"))
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ModelConfig:
@@ -224,6 +224,24 @@ class ModelConfig:
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)
+
+
+def coerce_numbers(cls, d: dict, section: str) -> dict:
+    """YAML 1.1 reads `3e-3` (no dot) as a string: turn strings and ints into the float a field declares."""
+    out = dict(d)
+    for f in fields(cls):
+        v = out.get(f.name)
+        if f.name not in out or v is None or isinstance(v, bool):
+            continue
+        kind = str(f.type).split("|")[0].strip()
+        try:
+            if kind == "float" and isinstance(v, (str, int)):
+                out[f.name] = float(v)
+            elif kind == "int" and isinstance(v, str):
+                out[f.name] = int(v)
+        except ValueError:
+            raise ConfigError(f"{section}.{f.name}: expected a number, got {v!r}") from None
+    return out
 
 
 def presets() -> list[str]:

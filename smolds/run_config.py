@@ -13,7 +13,7 @@ from pathlib import Path
 
 import yaml
 
-from smolds.config import ConfigError, ModelConfig
+from smolds.config import ConfigError, ModelConfig, coerce_numbers
 
 DEFAULT_DATA_DIR = "data/pydoc-bpe4096"  # where the embedded default corpus is prepared
 
@@ -136,7 +136,7 @@ class RunConfig:
             bad = sorted(set(values) - known)
             if bad:
                 raise ConfigError(f"{name}: unknown key(s) {', '.join(bad)}; known: {', '.join(sorted(known))}")
-            kwargs[name] = section_cls(**values)
+            kwargs[name] = section_cls(**coerce_numbers(section_cls, values, name))
         return cls(**kwargs)
 
     @classmethod

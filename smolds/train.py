@@ -206,6 +206,23 @@ def _all_finite(model, device) -> bool:
     return bool(parallel.all_reduce_(ok, op=dist.ReduceOp.MIN).item() > 0)
 
 
+@torch.no_grad()
+def _grad_norm(model, ep_group) -> float:
+    """Global L2 norm of the (already reduced) gradients; expert shards summed over the EP group."""
+    dense = torch.zeros((), dtype=torch.float64)
+    expert = torch.zeros((), dtype=torch.float64)
+    for p in model.parameters():
+        if p.grad is not None:
+            sq = p.grad.detach().double().pow(2).sum().cpu()
+            if getattr(p, "allreduce", True) is False:
+                expert += sq
+            else:
+                dense += sq
+    if ep_group is not None:
+        parallel.all_reduce_(expert, group=ep_group)
+    return float((dense + expert).sqrt())
+
+
 def train(cfg: RunConfig, resume: bool = False) -> dict:
     """Run (or resume) a pretraining run; returns a summary (first/last loss, val loss/ppl, paths)."""
     env = parallel.init(cfg.train.device)
@@ -274,7 +291,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     preempt = Preemption()
     history, nonfinite_run, nonfinite_total = [], 0, state.get("nonfinite_total", 0)
     summary = {"out_dir": str(out_dir), "first_loss": None, "last_loss": None}
-    step, last_saved, t_last, t_start = start_step, None, time.time(), time.time()
+    step, last_saved, t_last, t_start, grad_norm = start_step, None, time.time(), time.time(), None
     for step in range(start_step, t.steps):
         lr = lr_at(step, lr=t.lr, steps=t.steps, warmup_steps=t.warmup_steps, schedule=t.schedule,
                    decay_fraction=t.decay_fraction, min_lr_ratio=t.min_lr_ratio)
@@ -289,6 +306,8 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
             engine.backward(loss)
             for g in engine.optimizer.param_groups:
                 g["lr"] = 0.0 if skip else lr
+            if engine.is_gradient_accumulation_boundary() and cfg.deepspeed.zero_stage == 0:
+                grad_norm = _grad_norm(model, ep_group)  # ZeRO computes its own; stage 0 does not report it
             engine.step()
         if skip:
             for r in routers(model):  # this step's tokens do not steer the bias
@@ -314,6 +333,10 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
                 tok_s = tokens_per_step * min(steps_done, step + 1 - start_step) / max(now - t_last, 1e-9)
                 t_last = now
                 row = {"loss": float(loss), "lr": lr, "tokens_per_s": tok_s, "tokens": (step + 1) * tokens_per_step}
+                if cfg.deepspeed.zero_stage > 0:
+                    grad_norm = engine.get_global_grad_norm()  # before clipping
+                if grad_norm is not None:
+                    row["grad_norm"] = float(grad_norm)
                 if counts is not None:
                     per_layer, mean_vio = max_violation(counts)
                     row.update(maxvio=mean_vio, maxvio_per_layer=per_layer.tolist(), expert_counts=counts.tolist(),
@@ -328,7 +351,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
             ev = evaluate(model, val_data, t.eval_batches, t.micro_batch, env.device)
             log.log(step + 1, ev, kind="eval")
             summary.update(val_loss=ev["loss"], val_ppl=ev["ppl"])
-            if env.is_main and train_data.tokenizer_path:
+            if train_data.tokenizer_path:  # every rank decodes: with expert parallelism the MoE needs all
                 samples = greedy_samples(model, train_data.tokenizer_path, cfg.eval.prompts, cfg.eval.sample_tokens)
                 log.log(step + 1, {"samples": samples}, kind="samples")
                 summary["samples"] = samples

@@ -161,7 +161,7 @@ def test_smollm2_tokenizer_from_gguf(smollm2_json, tmp_path):
     assert tok.get_vocab_size() == 49152
     assert [tok.token_to_id(t) for t in ("<|endoftext|>", "<|im_start|>", "<|im_end|>")] == [0, 1, 2]
     assert len(tok.encode("2024").ids) == 4  # SmolLM2 splits digits one by one
-    corpus = Path("/work/shared/corpora/tinystories-valid-prefix.txt")
+    corpus = REPO.parent / "shared" / "corpora" / "tinystories-valid-prefix.txt"
     if corpus.is_file():  # ../shared/README.md: ~194k SmolLM2 tokens
         assert 193_000 < len(tok.encode(corpus.read_text()).ids) < 195_000
     docs = [TOPICS[40], "Hello, SmolLM2! ünïcødé"]

@@ -204,16 +204,18 @@ def import_hf(path: str | Path, dtype: torch.dtype | None = None) -> tuple[Trans
     path = Path(path)
     hf = read_hf_config(path)
     kind = hf.get("model_type")
+    if kind not in ("llama", "deepseek_v3"):
+        raise InteropError(f"{path}/config.json: model_type {kind!r} is not supported (llama or deepseek_v3)")
+    try:
+        cfg = llama_config(hf) if kind == "llama" else deepseek_v3_config(hf)
+    except KeyError as e:
+        raise InteropError(f"{path}/config.json: no {e.args[0]!r}") from None
     if kind == "llama":
-        cfg = llama_config(hf)
         state = _strip_model_prefix(read_safetensors_dir(path), cfg.num_hidden_layers)
         if cfg.tie_word_embeddings:
             state.pop("lm_head.weight", None)
-    elif kind == "deepseek_v3":
-        cfg = deepseek_v3_config(hf)
-        state = deepseek_v3_state_dict(read_safetensors_dir(path), cfg)
     else:
-        raise InteropError(f"{path}/config.json: model_type {kind!r} is not supported (llama or deepseek_v3)")
+        state = deepseek_v3_state_dict(read_safetensors_dir(path), cfg)
     return build_model(cfg, state, dtype, source=str(path)), _hf_tokenizer(path)
 
 
