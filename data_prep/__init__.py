@@ -2,7 +2,8 @@
 
     sources.py    documents from .txt/.jsonl/.parquet files, folders, globs, hf: datasets, pydoc topics
     tokenizer.py  SmolLM2's tokenizer (file, folder, hub, GGUF) or a byte-level BPE trained on the corpus
-    pack.py       parallel tokenization into shards, manifest, resume, verify
+    pack.py       tokens into fixed-size shards + manifest; resume, verify
+    workers.py    the tokenizer processes pack.py fans documents out to
     reader.py     TokenWindows: shuffled (x, y) windows per data-parallel rank, resumable
     cli.py        `smolds prep`
 """

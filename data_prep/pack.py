@@ -10,8 +10,8 @@ On disk (docs/data.md has every field):
     progress.json          only while a run is unfinished: the settings hash, finished shards, cursors
 
 Pipeline: this process reads documents in order, routes each to train or val, and sends chunks of
-~256k characters to `workers` processes that tokenize with one core each; results come back in
-submission order and are appended to the split's open shard. A document's tokens depend only on its
+~256k characters to `workers` processes that tokenize with one core each (workers.py); results come
+back in chunk order and are appended to the split's open shard. A document's tokens depend only on its
 text, chunks are cut by text length alone and results are written in submission order, so the shards
 are byte-identical whatever the number of workers.
 
@@ -29,15 +29,12 @@ import datetime
 import fcntl
 import hashlib
 import io
-import itertools
 import json
-import multiprocessing as mp
 import os
 import re
 import shlex
 import sys
 import time
-from collections import deque
 from collections.abc import Iterable, Iterator
 from contextlib import closing, contextmanager
 from fractions import Fraction
@@ -50,6 +47,7 @@ from tqdm import tqdm
 from data_prep.errors import DataError
 from data_prep.sources import DEFAULT_SOURCE, Source, iter_documents, resolve_sources
 from data_prep.tokenizer import SPECIAL_TOKENS, eos_id, load_tokenizer, train_bpe, vocab_size_of
+from data_prep.workers import tokenize_in_order
 
 FORMAT = "smolds-shards/1"
 SPLITS = ("train", "val")
@@ -228,9 +226,9 @@ def _pack(out: Path, state: dict, srcs: list[Source], text_field: str, tok_json:
                for s in SPLITS}
     chunks = _chunks(iter_documents(srcs, text_field), frac, cursors)
     t0, n_docs, n_tokens = time.perf_counter(), 0, 0
-    with (closing(_tokenized(chunks, tok_json, eos, workers)) as results,
+    with (closing(tokenize_in_order(chunks, tok_json, eos, workers)) as results,
           tqdm(unit=" docs", file=sys.stderr, disable=not progress, mininterval=0.5, desc="tokenizing") as bar):
-        for split, ids, tokens, lengths in results:
+        for (split, ids), tokens, lengths in results:
             starts = np.cumsum(lengths) - lengths  # where each document begins in `tokens`
             done = np.zeros(len(ids), dtype=np.int64)  # tokens of each document already in a shard
             doc, offset = cursors[split]
@@ -246,8 +244,8 @@ def _pack(out: Path, state: dict, srcs: list[Source], text_field: str, tok_json:
     return n_docs, n_tokens
 
 
-def _chunks(docs: Iterable[str], frac: Fraction, cursors: dict) -> Iterator[tuple[str, list[int], list[str]]]:
-    """(split, document indices, texts) per task; documents already in shards are skipped untokenized."""
+def _chunks(docs: Iterable[str], frac: Fraction, cursors: dict) -> Iterator[tuple[tuple[str, list[int]], list[str]]]:
+    """((split, document indices), texts) per task; documents already in shards are skipped untokenized."""
     pending: dict[str, tuple[list[int], list[str]]] = {s: ([], []) for s in SPLITS}
     chars = dict.fromkeys(SPLITS, 0)
     for i, text in enumerate(docs):
@@ -259,53 +257,12 @@ def _chunks(docs: Iterable[str], frac: Fraction, cursors: dict) -> Iterator[tupl
         texts.append(text)
         chars[split] += len(text)
         if chars[split] >= CHUNK_CHARS:
-            yield split, ids, texts
+            yield (split, ids), texts
             pending[split], chars[split] = ([], []), 0
     for split in SPLITS:
-        if pending[split][0]:
-            yield split, *pending[split]
-
-
-def _tokenized(chunks: Iterable, tok_json: str, eos: int, workers: int) -> Iterator:
-    """(split, ids, tokens, lengths) per chunk, in submission order, from a pool of spawned processes.
-
-    At most two chunks per worker are in flight, so memory stays bounded on any corpus size. `spawn`,
-    not fork: the caller may be running threads (the tokenizers library's pool after BPE training,
-    torch's in the trainer), and forking a threaded process can deadlock the child.
-    """
-    with mp.get_context("spawn").Pool(workers, initializer=_init_worker, initargs=(tok_json, eos)) as pool:
-        inflight: deque = deque()
-        for split, ids, texts in chunks:
-            inflight.append((split, ids, pool.apply_async(_encode_chunk, (texts,))))
-            if len(inflight) >= 2 * workers:
-                split, ids, result = inflight.popleft()
-                yield split, ids, *result.get()
-        while inflight:
-            split, ids, result = inflight.popleft()
-            yield split, ids, *result.get()
-
-
-_WORKER: dict = {}
-
-
-def _init_worker(tok_json: str, eos: int) -> None:
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one core per worker: `workers` is the parallelism
-    tok = Tokenizer.from_str(tok_json)
-    # A document that contains the text "<|endoftext|>" must not end there: special tokens in the
-    # input are encoded as ordinary text, so EOS appears only where this code puts it.
-    tok.encode_special_tokens = True
-    _WORKER.update(tok=tok, eos=eos)
-
-
-def _encode_chunk(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Token ids of the documents, each followed by EOS, concatenated; and each document's length."""
-    tok, eos = _WORKER["tok"], _WORKER["eos"]
-    docs = [e.ids for e in tok.encode_batch_fast(texts, add_special_tokens=False)]  # no BOS/EOS templates
-    for ids in docs:
-        ids.append(eos)
-    lengths = np.fromiter(map(len, docs), dtype=np.int64, count=len(docs))
-    tokens = np.fromiter(itertools.chain.from_iterable(docs), dtype=np.uint32, count=int(lengths.sum()))
-    return tokens, lengths
+        ids, texts = pending[split]
+        if ids:
+            yield (split, ids), texts
 
 
 class _ShardWriter:

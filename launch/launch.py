@@ -51,8 +51,6 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--device", choices=["auto", "gpu", "cpu"], default="auto",
                    help="auto = gpu when torch sees CUDA, else cpu")
     p.add_argument("--nnodes", type=int, default=1, help="nodes in the job (each runs this launcher)")
-    p.add_argument("--node-rank", type=int, default=int(os.environ.get("SLURM_NODEID", 0)),
-                   help="this node's index (default: $SLURM_NODEID under srun, else 0)")
     p.add_argument("--rdzv-endpoint", default=None,
                    help="HOST:PORT of torchrun's c10d rendezvous on the first node; "
                         "default for one node: a free port on this machine")
@@ -125,7 +123,7 @@ def check_rendezvous_host(endpoint: str, nnodes: int, allow_loopback: bool) -> N
     try:
         addrs = {info[4][0] for info in socket.getaddrinfo(host, None)}
     except socket.gaierror as e:
-        raise SystemExit(f"launch: rendezvous host {host!r} does not resolve on {socket.gethostname()}: {e}")
+        raise SystemExit(f"launch: rendezvous host {host!r} does not resolve on {socket.gethostname()}: {e}") from None
     loopback = sorted(a for a in addrs if ipaddress.ip_address(a.split("%")[0]).is_loopback)
     if nnodes > 1 and loopback and not allow_loopback:
         raise SystemExit(
@@ -137,10 +135,11 @@ def check_rendezvous_host(endpoint: str, nnodes: int, allow_loopback: bool) -> N
 
 
 def torchrun_args(args: argparse.Namespace, nproc: int, trainer_args: list[str]) -> list[str]:
-    """torchrun's argv: c10d rendezvous at --rdzv-endpoint, or --standalone (a free local port) on one node."""
+    """torchrun's argv: c10d rendezvous at --rdzv-endpoint, or --standalone (a free local port) on one node.
+    No --node_rank: c10d numbers the nodes as they join (torchrun ignores node_rank for it)."""
     if args.rdzv_endpoint:
-        cmd = ["--nnodes", str(args.nnodes), "--node_rank", str(args.node_rank),
-               "--rdzv_backend", "c10d", "--rdzv_endpoint", args.rdzv_endpoint, "--rdzv_id", str(args.rdzv_id)]
+        cmd = ["--nnodes", str(args.nnodes), "--rdzv_backend", "c10d", "--rdzv_endpoint", args.rdzv_endpoint,
+               "--rdzv_id", str(args.rdzv_id)]
     else:
         cmd = ["--standalone", "--nnodes", "1"]
     cmd += ["--nproc_per_node", str(nproc), "--max_restarts", "0"]

@@ -82,7 +82,12 @@ class MetricsLogger:
             print(line, flush=True)
 
     def progress(self, step: int, postfix: dict):
-        if self.enabled and self.bar is not None:
+        """The live bar on a terminal; a plain line per log step in files (Slurm logs, CI)."""
+        if not self.enabled or self.bar is None:
+            return
+        if self.bar.disable:
+            print(f"step {step}/{self.bar.total} " + " ".join(f"{k} {v}" for k, v in postfix.items()), flush=True)
+        else:
             self.bar.n = step
             self.bar.set_postfix(postfix, refresh=True)
 

@@ -347,7 +347,8 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
                 log.progress(step + 1, {"loss": f"{float(loss):.3f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}",
                                         **({"maxvio": f"{row['maxvio']:.2f}"} if "maxvio" in row else {}),
                                         **({"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {})})
-        if (step + 1) % t.eval_every == 0 or step + 1 == t.steps:
+        preempted = preempt.requested(env.device)  # all ranks agree; checked before the long eval too
+        if not preempted and ((step + 1) % t.eval_every == 0 or step + 1 == t.steps):
             ev = evaluate(model, val_data, t.eval_batches, t.micro_batch, env.device)
             log.log(step + 1, ev, kind="eval")
             summary.update(val_loss=ev["loss"], val_ppl=ev["ppl"])
@@ -359,7 +360,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
                          + (f", MaxVio {ev['maxvio']:.3f}" if "maxvio" in ev else ""))
         if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
             last_saved = save(step + 1)
-        if preempt.requested(env.device):
+        if preempted:
             if last_saved is None or last_saved.name != f"step_{step + 1:07d}":
                 last_saved = save(step + 1)
             log.log_text(f"preempted at step {step + 1}: checkpoint saved, exiting with {EXIT_PREEMPTED} (resume with --resume)")

@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 from data_prep import DataError, TokenWindows, cli, load_tokenizer, pack, prepare, prepare_default, verify
 from data_prep.sources import _parse_hf, iter_documents, resolve_sources
 from data_prep.tokenizer import train_bpe
+from data_prep.workers import tokenize_in_order
 
 EOT = "<|endoftext|>"
 REPO = Path(__file__).resolve().parent.parent
@@ -312,3 +313,17 @@ def test_python_m_smolds_prep_help():
     r = subprocess.run([sys.executable, "-m", "smolds", "prep", "--help"], cwd=REPO, env=env,
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 0 and "--verify" in r.stdout
+
+
+def test_workers_need_no_main_guard_and_fail_loudly(tmp_path):
+    """A script piped to stdin (no __main__ file to re-import) works; a dying worker raises, never hangs."""
+    script = f"from data_prep import prepare\nprint(prepare(['pydoc:topics'], {str(tmp_path / 'd')!r}, " \
+             "workers=2, progress=False)['eos_id'])\n"
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    r = subprocess.run([sys.executable, "-"], input=script, cwd=tmp_path, env=env, capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0 and r.stdout.strip() == "0", r.stderr[-2000:]
+    with pytest.raises(RuntimeError, match="tokenizer worker exited"):
+        list(tokenize_in_order([("tag", ["text"])], "not a tokenizer", 0, workers=1))
+    with pytest.raises(DataError, match="not valid Unicode"):
+        list(tokenize_in_order([("tag", ["lone \ud800 surrogate"])], train_bpe(["ab"], 300).to_str(), 0, 1))

@@ -45,11 +45,12 @@ def slurm():
         pytest.fail(f".ci/slurm_up.sh failed (exit {up.returncode}):\n{up.stdout}\n{up.stderr}")
 
 
-def submit(tmp_path: Path, *args: str, env: dict[str, str] | None = None, cwd: Path = ROOT) -> str:
+def submit(tmp_path: Path, *args: str, env: dict[str, str] | None = None, cwd: Path = ROOT,
+           time_limit: str = "--time=15", signal: str = "--signal=TERM@300") -> str:
     """sbatch the pretraining script on CPUs; returns the job id. The log is tmp_path/<name>-<id>.out."""
     job_env = {**os.environ, "SMOLDS_DEVICE": "cpu", "SMOLDS_NPROC": "2", **(env or {})}
     out = subprocess.run(
-        ["sbatch", "--parsable", "--gpus-per-node=0", "--time=15", f"--output={tmp_path}/%x-%j.out",
+        ["sbatch", "--parsable", "--gpus-per-node=0", time_limit, signal, f"--output={tmp_path}/%x-%j.out",
          str(SBATCH), *args],
         capture_output=True, text=True, timeout=60, cwd=cwd, env=job_env,
     )
@@ -80,10 +81,12 @@ def wait_job(tmp_path: Path, job_id: str, timeout: float = 600) -> dict[str, str
     return info
 
 
-def wait_for(predicate, timeout: float, what: str, job_id: str, tmp_path: Path) -> None:
+def wait_for(predicate, timeout: float, what: str, job_id: str, tmp_path: Path, stop_when_done: bool = True):
+    """Poll predicate; fail with the job's log on timeout, or when the job ended first (stop_when_done)."""
     deadline = time.monotonic() + timeout
     while not predicate():
-        if (state := job(job_id)["JobState"]) in DONE or time.monotonic() > deadline:
+        state = job(job_id)["JobState"]
+        if (stop_when_done and state in DONE) or time.monotonic() > deadline:
             subprocess.run(["scancel", job_id], timeout=30)
             pytest.fail(f"job {job_id} {state} before {what}:\n{log_of(tmp_path, job_id)}")
         time.sleep(0.5)
@@ -136,25 +139,43 @@ sys.exit(75 if stop else 1)
 """
 
 
-def test_sigterm_exit_75_requeues_with_resume(slurm, tmp_path):
-    """The Slurm side of preemption with a stub trainer: the signal `--signal=TERM@...` would send,
-    exit 75, `scontrol requeue`, and the requeued job runs again with --resume."""
-    tree = tmp_path / "tree"  # submit dir: the real launch/, a stub `smolds` package
+def stub_tree(tmp_path: Path) -> tuple[Path, Path]:
+    """A submit dir with the real launch/ and a stub `smolds` package; a dir for the stub's files."""
+    tree, state = tmp_path / "tree", tmp_path / "state"
     (tree / "smolds").mkdir(parents=True)
     (tree / "launch").symlink_to(ROOT / "launch")
     (tree / "smolds" / "__main__.py").write_text(STUB_TRAINER)
-    state = tmp_path / "state"
     state.mkdir()
-    job_id = submit(tmp_path, "--config", "x.yaml", env={"STUB_OUT": str(state)}, cwd=tree)
+    return tree, state
 
-    wait_for(lambda: (state / "ready0").exists() and (state / "ready1").exists(), 120, "stub ready",
-             job_id, tmp_path)
-    subprocess.run(["scancel", "--signal=TERM", job_id], check=True, timeout=30)
-    info = wait_job(tmp_path, job_id, timeout=300)  # the requeued job waits cred_expire (30 s) to restart
+
+def test_time_limit_signal_requeues_with_resume(slurm, tmp_path):
+    """The Slurm side of preemption with a stub trainer: `--signal=TERM@50` on a one-minute job sends
+    SIGTERM about 10 s in (slurmctld checks every 30 s), the trainer exits 75, the script requeues, and
+    the requeued job runs again with --resume."""
+    tree, state = stub_tree(tmp_path)
+    job_id = submit(tmp_path, "--config", "x.yaml", env={"STUB_OUT": str(state)}, cwd=tree,
+                    time_limit="--time=1", signal="--signal=TERM@50")
+    info = wait_job(tmp_path, job_id, timeout=300)  # a requeued job waits cred_expire (10 s) to restart
     log = log_of(tmp_path, job_id)
     assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
     assert "preempted, checkpoint saved: requeueing" in log and "restart 1:" in log
     assert (state / "argv0").read_text().splitlines() == ["train --resume --config x.yaml"] * 2
+
+
+def test_scancel_checkpoints_without_requeue(slurm, tmp_path):
+    """A plain `scancel` signals the batch shell too: the trainer still saves, but the job stays cancelled."""
+    tree, state = stub_tree(tmp_path)
+    job_id = submit(tmp_path, "--config", "x.yaml", env={"STUB_OUT": str(state)}, cwd=tree)
+    wait_for(lambda: (state / "ready0").exists() and (state / "ready1").exists(), 120, "stub ready",
+             job_id, tmp_path)
+    subprocess.run(["scancel", job_id], check=True, timeout=30)
+    ended = lambda: re.search(r"=== \S+ exit 75", log_of(tmp_path, job_id)) and job(job_id)["JobState"] in DONE
+    wait_for(ended, 120, "the script's end", job_id, tmp_path, stop_when_done=False)
+    info, log = job(job_id), log_of(tmp_path, job_id)
+    assert info["JobState"] == "CANCELLED" and info["Restarts"] == "0", log
+    assert "Slurm ended the job, so no requeue" in log
+    assert (state / "saved0").exists() and (state / "saved1").exists()
 
 
 # --- with the trainer ------------------------------------------------------------------------------

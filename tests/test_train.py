@@ -4,6 +4,7 @@ import json
 from pathlib import Path
 
 import pytest
+import torch
 
 from smolds.config import ConfigError
 from smolds.run_config import RunConfig
@@ -35,7 +36,8 @@ def train_losses(out_dir) -> dict[int, float]:
 
 def test_short_default_run_learns_and_writes_everything(data_dir, tmp_path):
     out = tmp_path / "run"
-    s = train(cfg(data_dir, out, "--train.steps", "40", "--train.log_every", "1", "--train.eval_every", "20"))
+    s = train(cfg(data_dir, out, "--train.steps", "40", "--train.log_every", "1", "--train.eval_every", "20",
+                  "--train.checkpoint_every", "10", "--train.keep_checkpoints", "2", "--logging.wandb", "offline"))
     losses = train_losses(out)
     assert len(losses) == 40
     first, last = sum(list(losses.values())[:3]) / 3, sum(list(losses.values())[-3:]) / 3
@@ -43,6 +45,8 @@ def test_short_default_run_learns_and_writes_everything(data_dir, tmp_path):
     assert s["val_loss"] < first and set(s["samples"]) == {"The ", "def ", "In Python, "}
     ck = latest_checkpoint(out / "checkpoints")
     assert ck is not None and ck.name == "step_0000040"
+    assert sorted(p.name for p in (out / "checkpoints").glob("step_*")) == ["step_0000030", "step_0000040"]
+    assert list((out / "wandb").glob("offline-run-*")), "wandb offline run missing"
     assert (ck / "consolidated" / "model.safetensors").is_file() and (ck / "consolidated" / "tokenizer.json").is_file()
     rows = [json.loads(line) for line in open(out / "metrics.jsonl")]
     train_rows = [r for r in rows if r["kind"] == "train"]
@@ -124,6 +128,17 @@ def test_nonfinite_losses_are_skipped_then_stop(data_dir, tmp_path, monkeypatch)
     assert skipped == [3, 4, 8, 9, 10]
     # The checkpoint at step 5 was written from finite weights; nothing later was saved.
     assert latest_checkpoint(out / "checkpoints").name == "step_0000005"
+
+
+def test_bf16_on_cpu_keeps_router_bias_fp32(data_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    s = train(cfg(data_dir, tmp_path / "bf16", "--train.steps", "3", "--train.dtype", "bf16",
+                  "--train.eval_every", "100"))
+    assert s["last_loss"] == s["last_loss"]  # finite (not NaN)
+    weights = load_file(str(Path(s["checkpoint"]) / "consolidated" / "model.safetensors"))
+    bias = [v for k, v in weights.items() if k.endswith("e_score_correction_bias")]
+    assert bias and all(b.dtype == torch.float32 for b in bias)
 
 
 @pytest.mark.parametrize("overrides, message", [

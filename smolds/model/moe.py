@@ -36,7 +36,7 @@ from smolds.model.layers import SwiGLU
 class Router(nn.Module):
     """Sigmoid top-k router with a selection-only bias (the `gate` of HF's DeepseekV3MoE)."""
 
-    fp32_buffers = ("e_score_correction_bias", "tokens_per_expert")
+    fp32_buffers = ("e_score_correction_bias", "tokens_per_expert", "entropy_sum")
 
     def __init__(self, cfg: ModelConfig):
         super().__init__()
@@ -49,6 +49,9 @@ class Router(nn.Module):
         # Tokens routed to each expert since the last bias update (not saved; summed across ranks at update).
         self.register_buffer("tokens_per_expert", torch.zeros(self.n_experts), persistent=False)
         self.last_counts = torch.zeros(self.n_experts)  # the latest forward's counts, for the monitor
+        # (sum over training tokens of the entropy of their normalized affinities, tokens); read and zeroed by
+        # smolds.monitor.RoutingMonitor.update after every optimizer step (not saved).
+        self.register_buffer("entropy_sum", torch.zeros(2), persistent=False)
 
     def _apply(self, fn, recurse=True):
         # Module.to(bfloat16) would round the bias to 8 bits of mantissa and swallow u=1e-3 updates:
@@ -79,6 +82,9 @@ class Router(nn.Module):
             self.last_counts = torch.bincount(topk_idx.flatten(), minlength=self.n_experts).float()
             if self.training:  # only training tokens steer the bias
                 self.tokens_per_expert += self.last_counts
+                p = scores / scores.sum(-1, keepdim=True)  # [N, E] normalized affinities
+                self.entropy_sum[0] += -torch.xlogy(p, p).sum()
+                self.entropy_sum[1] += x.shape[0]
         return topk_idx, topk_weight, scores
 
     @torch.no_grad()
