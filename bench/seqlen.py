@@ -5,11 +5,12 @@ Two tables, printed as markdown (docs/seqlen.md holds a run of them):
    on a small model (the tiny preset's width and depth with a dense FFN). Each point runs in a fresh process so
    that its peak is its own: on CPU the peak is the process's resident high-water mark (VmHWM) minus its
    resident size just before the step; on CUDA, torch.cuda.max_memory_allocated minus the memory before.
-   A kind's longer lengths are skipped once one of its points takes more than --max-seconds.
+   A kind's longer lengths are skipped once one of its points takes more than --max-seconds or its peak
+   passes --max-gib (the quadratic layers' next point would need about 4x as much).
 2. Decoding: bytes held per sequence (cache + recurrent state) against context length, for the small model
    and the 135M presets in bf16, counted from the real caches built on the meta device (nothing allocated).
 
-    python bench/seqlen.py                              # all lengths, CPU, a few minutes on 2 cores
+    python bench/seqlen.py                              # all lengths, CPU, ~5 minutes on one core
     python bench/seqlen.py --lengths 512 2048 --kinds linear mla --device cuda
 """
 
@@ -70,7 +71,7 @@ def measure_point(kind: str, T: int, device: str, repeats: int, threads: int) ->
     return {"kind": kind, "T": T, "seconds": min(times), "peak_bytes": peak}
 
 
-def training_table(kinds, lengths, device, repeats, threads, max_seconds) -> list[dict]:
+def training_table(kinds, lengths, device, repeats, threads, max_seconds, max_gib) -> list[dict]:
     rows = []
     for kind in kinds:
         for T in lengths:
@@ -80,8 +81,8 @@ def training_table(kinds, lengths, device, repeats, threads, max_seconds) -> lis
             rows.append(row)
             print(f"# {kind:6s} T={T:6d}  {row['seconds']:.2f} s  peak {row['peak_bytes'] / 2**20:.0f} MiB",
                   file=sys.stderr)
-            if row["seconds"] > max_seconds:
-                break
+            if row["seconds"] > max_seconds or row["peak_bytes"] > max_gib * 2**30:
+                break  # the next length would take ~4x the time (and memory) in a quadratic layer
     return rows
 
 
@@ -124,14 +125,15 @@ def main():
     p.add_argument("--contexts", nargs="+", type=int, default=[512, 2048, 8192, 32768, 131072])
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--repeats", type=int, default=3, help="timed steps per point (the best is kept)")
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="1 is steadier on a shared machine")
     p.add_argument("--max-seconds", type=float, default=20.0, help="skip a kind's longer lengths past this")
+    p.add_argument("--max-gib", type=float, default=3.0, help="skip a kind's longer lengths past this peak")
     p.add_argument("--point", nargs=2, metavar=("KIND", "T"), help=argparse.SUPPRESS)  # internal: one point
     args = p.parse_args()
     if args.point:
         print(json.dumps(measure_point(args.point[0], int(args.point[1]), args.device, args.repeats, args.threads)))
         return
-    rows = training_table(args.kinds, args.lengths, args.device, args.repeats, args.threads, args.max_seconds)
+    rows = training_table(args.kinds, args.lengths, args.device, args.repeats, args.threads, args.max_seconds, args.max_gib)
     print(f"\nTraining step (forward + backward), batch 1, {args.device}, {args.threads} threads:\n")
     print_training(rows, args.kinds, args.lengths)
     print("\nDecode memory per sequence (caches in bf16; linear-attention states are fp32):\n")

@@ -105,7 +105,8 @@ def routing_stats(counts, biases=None, prev_biases=None, entropy=None, ep_size: 
             raise ValueError(f"ep_size {ep_size} must divide the number of experts {E}")
         per_rank = c.view(L, ep_size, E // ep_size).sum(-1)  # [L, P]
         imb = per_rank.amax(-1) / per_rank.mean(-1).clamp_min(1e-12)
-        s.update(tokens_per_ep_rank=per_rank.tolist(), ep_imbalance_per_layer=imb.tolist(),
+        whole = torch.equal(per_rank, per_rank.round())
+        s.update(tokens_per_ep_rank=(per_rank.long() if whole else per_rank).tolist(), ep_imbalance_per_layer=imb.tolist(),
                  ep_imbalance=_mean(imb.tolist()))
     return s
 
@@ -250,7 +251,11 @@ class RoutingMonitor:
         warnings = self._warnings(dead, zero_run, vio_run, row["maxvio"])
         self.history.append((step, row["maxvio_per_layer"]))
         share = np.asarray(s["load_share"])
-        images = self._images(step, share)
+        try:
+            images = self._images(step, n, share)
+        except Exception as e:  # a plot must never stop training
+            images = {}
+            warnings.append(f"routing: images not written: {type(e).__name__}: {e}")
         self._prev_bias = biases
         self._reset_interval(self._device)
         return RoutingReport(row, warnings, images, share)
@@ -273,7 +278,7 @@ class RoutingMonitor:
             self._warned_vio = False
         return out
 
-    def _images(self, step: int, share: np.ndarray) -> dict[str, Path]:
+    def _images(self, step: int, n_steps: int, share: np.ndarray) -> dict[str, Path]:
         if self.out_dir is None or self.log_images_every <= 0:
             return {}
         if self._last_images is not None and step - self._last_images < self.log_images_every:
@@ -285,7 +290,7 @@ class RoutingMonitor:
         vio = np.asarray([v for _, v in self.history])
         return {
             "load_heatmap": mp.load_heatmap(share, self.layer_ids, self.out_dir / "routing_heatmap.png",
-                                            f"expert load, steps up to {step}"),
+                                            f"expert load, steps {step - n_steps + 1}-{step}"),
             "maxvio": mp.maxvio_curve(steps, vio, self.layer_ids, self.out_dir / "routing_maxvio.png",
                                       threshold=self.maxvio_threshold),
         }
@@ -318,6 +323,7 @@ class LoggedInterval:
     bias: np.ndarray | None  # [L, E]
     maxvio: np.ndarray  # [L] as logged (MaxVio_batch), else computed from counts
     steps: int | None  # optimizer steps the counts cover (None: rows written before the monitor existed)
+    ep_imbalance: np.ndarray | None = None  # [L] per-step max/mean over EP ranks, averaged (as logged)
 
 
 class RunLog:
@@ -363,7 +369,8 @@ class RunLog:
                     bias=np.asarray(r["router_bias"], dtype=np.float64) if "router_bias" in r else None,
                     maxvio=np.asarray(vio, dtype=np.float64) if vio is not None else max_violation(
                         torch.as_tensor(counts))[0].double().numpy(),
-                    steps=r.get("routing_steps"))
+                    steps=r.get("routing_steps"),
+                    ep_imbalance=np.asarray(r["ep_imbalance_per_layer"]) if "ep_imbalance_per_layer" in r else None)
                 new += 1
             elif r.get("kind") == "eval" and "maxvio_per_layer" in r:
                 _keep_before(self.evals, r["step"])
@@ -403,7 +410,8 @@ def run_info(run_dir: str | Path) -> RunInfo:
 
 def summarize_run(log: RunLog, window: int = DEFAULT_WINDOW, ep_size: int = 1) -> dict:
     """Per-layer statistics over the logged intervals of the last `window` steps (see routing_stats),
-    with MaxVio the mean of the logged MaxVio_batch and the bias change since the window began."""
+    with MaxVio and the EP imbalance the means of the logged per-step values, and the bias change since the
+    window began."""
     steps = sorted(log.rows)
     last = steps[-1]
     recent = [s for s in steps if s > last - window]
@@ -414,6 +422,9 @@ def summarize_run(log: RunLog, window: int = DEFAULT_WINDOW, ep_size: int = 1) -
                       ep_size if counts.shape[1] % ep_size == 0 else 1)
     s["maxvio_per_layer"] = np.mean([log.rows[t].maxvio for t in recent], axis=0).tolist()
     s["maxvio"] = _mean(s["maxvio_per_layer"])
+    if "ep_imbalance" in s and all(log.rows[t].ep_imbalance is not None for t in recent):
+        s["ep_imbalance_per_layer"] = np.mean([log.rows[t].ep_imbalance for t in recent], axis=0).tolist()
+        s["ep_imbalance"] = _mean(s["ep_imbalance_per_layer"])
     covered = [log.rows[t].steps for t in recent]
     s.update(first_step=recent[0], last_step=last, rows=len(recent),
              steps_covered=sum(covered) if all(c is not None for c in covered) else None)
@@ -481,7 +492,7 @@ def render_run(log: RunLog, out_dir: str | Path, window: int = DEFAULT_WINDOW, i
                f"mean MaxVio_batch {s['maxvio']:.3f}, CV {s['cv']:.3f}, load entropy {s['load_entropy']:.3f}, "
                f"dead experts {s['dead_experts']} (no tokens in the window)"]
     if "ep_imbalance" in s:
-        summary.append(f"EP ranks: max/mean assignments received {s['ep_imbalance']:.3f}")
+        summary.append(f"EP ranks: max/mean assignments received per step {s['ep_imbalance']:.3f}")
     if ev:
         summary.append(f"last eval (step {ev[-1]}): MaxVio_global {log.evals[ev[-1]][0]:.3f}")
     mp.write_report(out / REPORT_FILE, "Routing report", summary, md, images)

@@ -76,7 +76,9 @@ def load_heatmap(share: np.ndarray, layer_ids, path, title: str = "expert load")
     if L * E <= 160:
         for i in range(L):
             for e in range(E):
-                ax.text(e, i, f"{rel[i, e]:.2f}", ha="center", va="center", fontsize=7)
+                dark = abs(im.norm(rel[i, e]) - 0.5) > 0.3  # white text on the saturated ends of the map
+                ax.text(e, i, f"{rel[i, e]:.2f}", ha="center", va="center", fontsize=7,
+                        color="white" if dark else "black")
     fig.colorbar(im, ax=ax, label="load / mean load")
     ax.set_title(title)
     return _save(fig, path)

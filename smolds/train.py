@@ -37,8 +37,9 @@ from smolds import train_checkpoint as ckpt
 from smolds.config import ConfigError, ModelConfig
 from smolds.evaluate import evaluate, greedy_samples
 from smolds.metrics import MetricsLogger
-from smolds.model.moe import MoE, RoutedExperts, max_violation, routers, update_router_biases
+from smolds.model.moe import MoE, RoutedExperts, routers, update_router_biases
 from smolds.model.transformer import Transformer
+from smolds.monitor import RoutingMonitor
 from smolds.run_config import DEFAULT_DATA_DIR, RunConfig
 from smolds.schedule import lr_at
 
@@ -256,6 +257,10 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
 
     log = MetricsLogger(out_dir, env.is_main, t.steps, start_step, cfg.logging.wandb, cfg.logging.project,
                         cfg.logging.run_name, cfg.to_dict())
+    monitor = None  # routing monitor on every rank (it zeroes the routers' entropy sums); images on rank 0
+    if model_cfg.moe_layers:
+        monitor = RoutingMonitor.for_model(model, ep_size=cfg.deepspeed.ep_size,
+                                           out_dir=out_dir / "routing" if env.is_main else None)
     n_params, n_active = model.num_parameters(), model.num_parameters(active=True)
     if ep_group is not None:  # count the experts held by other EP ranks too
         n_params = sum(p.numel() * (cfg.deepspeed.ep_size if getattr(p, "allreduce", True) is False else 1)
@@ -312,6 +317,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
         if skip:
             for r in routers(model):  # this step's tokens do not steer the bias
                 r.tokens_per_expert.zero_()
+                r.entropy_sum.zero_()
             nonfinite_run, nonfinite_total = nonfinite_run + 1, nonfinite_total + 1
             log.log(step + 1, {"skipped_nonfinite": 1, "nonfinite_total": nonfinite_total})
             log.log_text(f"step {step + 1}: non-finite loss, step skipped ({nonfinite_run} in a row)")
@@ -322,6 +328,8 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
         else:
             nonfinite_run = 0
             counts = update_router_biases(model, model_cfg)
+            if monitor is not None:
+                monitor.update(counts)  # device work only, no collective
             loss = parallel.all_reduce_(torch.stack(losses).mean().to(env.device)) / env.world
             history.append(float(loss))
             if summary["first_loss"] is None:
@@ -337,13 +345,16 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
                     grad_norm = engine.get_global_grad_norm()  # before clipping
                 if grad_norm is not None:
                     row["grad_norm"] = float(grad_norm)
-                if counts is not None:
-                    per_layer, mean_vio = max_violation(counts)
-                    row.update(maxvio=mean_vio, maxvio_per_layer=per_layer.tolist(), expert_counts=counts.tolist(),
-                               router_bias=[r.e_score_correction_bias.tolist() for r in routers(model)])
+                routing = monitor.report(step + 1) if monitor is not None else None
+                if routing is not None:
+                    row.update(routing.row)
                 if peak:
                     row["mfu"] = tok_s * flops_per_token / (peak * 1e12 * env.world)
                 log.log(step + 1, row)
+                if routing is not None:
+                    monitor.log_wandb(log.wandb, step + 1, routing)
+                    for w in routing.warnings:
+                        log.log_text(f"step {step + 1}: {w}")
                 log.progress(step + 1, {"loss": f"{float(loss):.3f}", "lr": f"{lr:.2e}", "tok/s": f"{tok_s:,.0f}",
                                         **({"maxvio": f"{row['maxvio']:.2f}"} if "maxvio" in row else {}),
                                         **({"mfu": f"{row['mfu']:.1%}"} if "mfu" in row else {})})

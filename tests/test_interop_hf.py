@@ -127,6 +127,7 @@ DSV3_CASES = {
 }
 
 
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # the zero-width shared expert
 @pytest.mark.parametrize("case", sorted(DSV3_CASES))
 def test_export_deepseek_v3_matches_transformers(tmp_path, case):
     from transformers import AutoModelForCausalLM, AutoTokenizer

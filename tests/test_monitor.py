@@ -195,3 +195,12 @@ def test_log_wandb_sends_per_layer_scalars_and_histograms(tmp_path):
     assert s1 == 1 and d1["routing/maxvio/layer_01"] == pytest.approx(1 / 3)
     assert "routing/load_share/layer_02" in d1 and "routing/load_heatmap" in d1  # images on the first report
     assert "routing/ep_imbalance/layer_02" in d2 and "routing/load_heatmap" not in d2
+
+
+def test_a_failing_plot_becomes_a_warning_not_a_crash(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    mon = RoutingMonitor(1, 4, log_images_every=1, out_dir=blocker)  # a file where the folder should be
+    mon.update(torch.tensor([[1.0, 2, 3, 4]]))
+    r = mon.report(1)
+    assert r.images == {} and any("images not written" in w for w in r.warnings)

@@ -40,8 +40,8 @@ def trained_run(data_dir, tmp_path_factory):
     out = tmp_path_factory.mktemp("monitor_run") / "run"
     train(RunConfig.load(None, [
         "--model.num_hidden_layers", "3", "--train.seq_len", "32", "--train.micro_batch", "4",
-        "--train.steps", "4", "--train.warmup_steps", "1", "--train.log_every", "1", "--train.eval_every", "2",
-        "--train.eval_batches", "2", "--eval.sample_tokens", "2", "--logging.wandb", "disabled",
+        "--train.steps", "4", "--train.warmup_steps", "1", "--train.log_every", "1", "--train.eval_every", "4",
+        "--train.eval_batches", "1", "--eval.sample_tokens", "1", "--logging.wandb", "disabled",
         "--data.dir", str(data_dir), "--train.out_dir", str(out)]))
     return out
 
@@ -60,7 +60,7 @@ def test_cli_on_a_trained_run(trained_run, tmp_path, capsys):
     assert png_size(out / "bias.png") == (600, 275)  # 2 layer panels + title band
     md = (out / "routing_report.md").read_text()
     assert "](load_heatmap.png)" in md and "| layer |" in md
-    # The run dir is no checkpoint for --data-less use, but a missing log is a clear error.
+    # A directory without metrics.jsonl (and no --data / --tokens) is a clear error.
     assert monitor.main([str(tmp_path)]) == 2 and "no metrics.jsonl" in capsys.readouterr().err
 
 
@@ -151,8 +151,10 @@ def test_follow_reads_a_growing_log_and_stops_when_the_run_ends(tmp_path, capsys
     (run / "run_config.yaml").write_text((src / "run_config.yaml").read_text())
     (run / "metrics.jsonl").write_text("".join(lines[:2]) + lines[2][:10])  # a half-written line
 
-    def writer():
-        time.sleep(0.6)
+    def writer():  # the rest of the log, once the monitor has shown the first part
+        deadline = time.time() + 60
+        while not (tmp_path / "rep" / "routing_report.md").exists() and time.time() < deadline:
+            time.sleep(0.05)
         with open(run / "metrics.jsonl", "a") as f:
             f.write(lines[2][10:] + "".join(lines[3:]))
 

@@ -105,7 +105,7 @@ def linear_attention_chunked(q, k, v, log_decay, scale: float, chunk_size: int, 
         log_decay = F.pad(log_decay, (0, pad))
     N = (T + pad) // C
     q, k, v = q.reshape(B, H, N, C, K), k.reshape(B, H, N, C, K), v.reshape(B, H, N, C, V)
-    b = log_decay.view(B, H, N, C).cumsum(-1)  # [B,H,N,C]
+    b = log_decay.reshape(B, H, N, C).cumsum(-1)  # [B,H,N,C] cumulative log decay within each chunk
     causal = torch.ones(C, C, dtype=torch.bool, device=q.device).tril()
     decay = (b[..., :, None] - b[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # [B,H,N,C,C]
     o = ((q @ k.transpose(-1, -2)) * decay) @ v  # [B,H,N,C,V] intra-chunk
