@@ -90,7 +90,8 @@ class Row:
     static_bytes: float = 0.0  # weights + optimizer state (+ engine buffers) held between steps
     peak_bytes: float | None = None  # static + the peak of one step above what was allocated before it
     note: str = ""
-    rates: list[float] = field(default_factory=list)  # tokens/s per round
+    rates: list[float] = field(default_factory=list)  # tokens/s per round (wall clock)
+    cpu_rates: list[float] = field(default_factory=list)  # tokens per second of process CPU time per round
 
 
 class Bench:
@@ -268,11 +269,13 @@ class Bench:
         for _ in range(a.repeats):
             for row in self.rows:
                 self.sync()
-                t0 = time.perf_counter()
+                t0, c0 = time.perf_counter(), time.process_time()
                 for _ in range(a.steps):
                     row.step()
                 self.sync()
-                row.rates.append(a.steps * self.B * self.T / (time.perf_counter() - t0))
+                tokens = a.steps * self.B * self.T
+                row.rates.append(tokens / (time.perf_counter() - t0))
+                row.cpu_rates.append(tokens / max(time.process_time() - c0, 1e-9))
             self.load.append(os.getloadavg())
 
 
@@ -338,8 +341,9 @@ def report(bench: Bench) -> dict:
     ref = next((r for r in rows if r.name.startswith("hf-dsv3")), None)
     ours = next(r for r in rows if r.name == "ours")
     mem_kind = "peak GiB" if bench.cuda else "est. GiB"
-    lines.append(f"| row | tok/s (median) | min-max | ms/step | x HF-DSv3 | x ours | {mem_kind} | MFU | note |")
-    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---|")
+    lines.append(f"| row | tok/s (median) | min-max | ms/step | x HF-DSv3 | x ours | tok/CPU-s | x HF-DSv3 (CPU-s) "
+                 f"| {mem_kind} | MFU | note |")
+    lines.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     result = {"args": vars(a), "device": dev, "versions": versions(), "date": str(datetime.date.today()),
               "loadavg": load, "rows": {}}
     for r in rows:
@@ -348,12 +352,15 @@ def report(bench: Bench) -> dict:
         mfu = med * r.flops_per_token / PEAK_FLOPS if bench.cuda else None
         vs_ref = med / statistics.median(ref.rates) if ref else None
         vs_ours = med / statistics.median(ours.rates)
+        cpu = statistics.median(r.cpu_rates)
+        cpu_vs_ref = cpu / statistics.median(ref.cpu_rates) if ref else None
         mem = r.peak_bytes / 2**30 if r.peak_bytes is not None else None
         lines.append(f"| {r.name} | {med:,.0f} | {min(r.rates):,.0f}-{max(r.rates):,.0f} | {ms:,.1f} | "
-                     f"{f'{vs_ref:.2f}' if vs_ref else '-'} | {vs_ours:.2f} | {f'{mem:.2f}' if mem else '-'} | "
+                     f"{f'{vs_ref:.2f}' if vs_ref else '-'} | {vs_ours:.2f} | {cpu:,.0f} | "
+                     f"{f'{cpu_vs_ref:.2f}' if cpu_vs_ref else '-'} | {f'{mem:.2f}' if mem else '-'} | "
                      f"{f'{mfu:.1%}' if mfu is not None else '-'} | {r.note} |")
         result["rows"][r.name] = {"tok_s": med, "rates": r.rates, "ms_per_step": ms, "x_hf_dsv3": vs_ref,
-                                  "x_ours": vs_ours, "mem_gib": mem, "mfu": mfu,
+                                  "x_ours": vs_ours, "tok_per_cpu_s": cpu, "cpu_rates": r.cpu_rates, "mem_gib": mem, "mfu": mfu,
                                   "flops_per_token": r.flops_per_token, "note": r.note}
     print("\n".join(lines), flush=True)
     return result

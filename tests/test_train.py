@@ -34,7 +34,7 @@ def train_losses(out_dir) -> dict[int, float]:
     return {r["step"]: r["loss"] for r in rows if r["kind"] == "train" and "loss" in r}
 
 
-def test_short_default_run_learns_and_writes_everything(data_dir, tmp_path):
+def test_short_default_run_learns_and_writes_everything(data_dir, tmp_path, capsys):
     out = tmp_path / "run"
     s = train(cfg(data_dir, out, "--train.steps", "40", "--train.log_every", "1", "--train.eval_every", "20",
                   "--train.checkpoint_every", "10", "--train.keep_checkpoints", "2", "--logging.wandb", "offline"))
@@ -52,6 +52,13 @@ def test_short_default_run_learns_and_writes_everything(data_dir, tmp_path):
     train_rows = [r for r in rows if r["kind"] == "train"]
     assert "maxvio" in train_rows[-1] and len(train_rows[-1]["expert_counts"]) == 1  # 1 MoE layer of 2
     assert any(r["kind"] == "eval" and "maxvio" in r for r in rows)
+    # `smolds eval` on the run dir (resolves checkpoints/latest -> consolidated) gives the trainer's last eval.
+    from smolds.evaluate import main as eval_main
+
+    capsys.readouterr()
+    assert eval_main([str(out), "--data", str(data_dir), "--seq-len", "32", "--batch-size", "4", "--batches", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["loss"] == pytest.approx(s["val_loss"], rel=1e-5) and "maxvio_per_layer" in result
 
 
 def test_resume_matches_uninterrupted_run(data_dir, tmp_path, monkeypatch):
