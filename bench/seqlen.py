@@ -10,7 +10,7 @@ Two tables, printed as markdown (docs/seqlen.md holds a run of them):
 2. Decoding: bytes held per sequence (cache + recurrent state) against context length, for the small model
    and the 135M presets in bf16, counted from the real caches built on the meta device (nothing allocated).
 
-    python bench/seqlen.py                              # all lengths, CPU, ~5 minutes on one core
+    python bench/seqlen.py                              # all lengths, CPU, ~9 minutes on one shared core
     python bench/seqlen.py --lengths 512 2048 --kinds linear mla --device cuda
 """
 
@@ -91,11 +91,11 @@ def print_training(rows, kinds, lengths):
     print("| tokens | " + " | ".join(f"{k} us/tok" for k in kinds) + " | "
           + " | ".join(f"{k} KiB/tok" for k in kinds) + " |")
     print("|---:|" + "---:|" * (2 * len(kinds)))
+    us = lambda r: f"{r['seconds'] / r['T'] * 1e6:.0f}"
+    kib = lambda r: f"{r['peak_bytes'] / r['T'] / 1024:.1f}"
     for T in lengths:
-        cell = lambda k, f: f(by[(k, T)]) if (k, T) in by else "skipped"
-        us = [cell(k, lambda r: f"{r['seconds'] / r['T'] * 1e6:.0f}") for k in kinds]
-        kib = [cell(k, lambda r: f"{r['peak_bytes'] / r['T'] / 1024:.1f}") for k in kinds]
-        print(f"| {T} | " + " | ".join(us) + " | " + " | ".join(kib) + " |")
+        cells = [[fmt(by[(k, T)]) if (k, T) in by else "skipped" for k in kinds] for fmt in (us, kib)]
+        print(f"| {T} | " + " | ".join(cells[0] + cells[1]) + " |")
 
 
 def decode_bytes(cfg: ModelConfig, context: int, dtype=torch.bfloat16) -> int:

@@ -128,6 +128,8 @@ class Bench:
         torch.manual_seed(0)
         model = Transformer(self.cfg).to(self.device).train()
         if compiled:
+            # the router's bincount has a data-dependent output size: capture it instead of breaking the graph
+            torch._dynamo.config.capture_dynamic_output_shape_ops = True
             for blk in model.layers:
                 blk.compile()  # one graph per block kind (dense, MoE), reused across layers
         opt = self.adamw(model)

@@ -230,8 +230,10 @@ def check_deepseek_v3(cfg: ModelConfig) -> int:
     """Raise InteropError naming the first layer DeepseekV3 cannot express; return first_k_dense_replace."""
     for i, (attn, _) in enumerate(cfg.layer_kinds()):
         if attn != "mla":
+            hint = ("; this all-GQA dense model exports as Llama: --arch llama"
+                    if set(cfg.layer_kinds()) == {("gqa", "dense")} else "")
             raise InteropError(f"layer {i} uses {attn!r} attention: a DeepseekV3 export needs MLA on every layer "
-                               f"(transformers' DeepseekV3 has no {attn} layers)")
+                               f"(transformers' DeepseekV3 has no {attn} layers){hint}")
     ffn = [f for _, f in cfg.layer_kinds()]
     first_dense = next((i for i, f in enumerate(ffn) if f == "moe"), len(ffn))
     for i in range(first_dense, len(ffn)):

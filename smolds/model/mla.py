@@ -93,15 +93,24 @@ class MLA(nn.Module):
 
     # ----------------------------------------------------------------- paths
     def expanded(self, q_nope, q_rope, c_kv, k_rope, mask):
-        """Up-project the latent to per-head keys/values, then fused SDPA. c_kv [B,S,C], k_rope [B,S,R]."""
+        """Up-project the latent to per-head keys/values, then fused SDPA. c_kv [B,S,C], k_rope [B,S,R].
+
+        Values narrower than keys (V < N + R, as in DeepSeek-V3) are zero-padded to the key width: the
+        flash kernels (CUDA's and the CPU one) need equal widths, otherwise SDPA falls back to slower ones
+        (the CPU math path materializes the [B,H,T,S] scores); the padded columns of the output are zeros
+        and are sliced off."""
         B, S, _ = c_kv.shape
         kv = self.kv_b_proj(c_kv).view(B, S, self.n_heads, self.nope_dim + self.v_dim).transpose(1, 2)
         k_nope, v = kv.split([self.nope_dim, self.v_dim], dim=-1)  # [B,H,S,N], [B,H,S,V]
         k = torch.cat([k_nope, k_rope[:, None].expand(B, self.n_heads, S, self.rope_dim)], dim=-1)
         q = torch.cat([q_nope, q_rope], dim=-1)
+        if self.v_dim < self.qk_dim:
+            v = F.pad(v, (0, self.qk_dim - self.v_dim))  # [B,H,S,N+R]
         if mask is None:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=self.scale)
+        return out[..., : self.v_dim]  # [B,H,T,V]
 
     def absorbed(self, q_nope, q_rope, c_kv, k_rope, mask):
         """Attention against the cached latent without expanding it: W_UK into q, W_UV after."""

@@ -107,17 +107,56 @@ class RoutedExperts(nn.Module):
         self.down_proj = nn.Parameter(torch.empty(n_experts, dim, hidden))  # [E, D, I]
 
     def forward(self, x: torch.Tensor, counts: torch.Tensor) -> torch.Tensor:
-        """x [N, D] sorted by expert, counts [E] tokens per expert -> [N, D]."""
-        if x.is_cuda and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm"):
+        """x [N, D] sorted by expert, counts [E] tokens per expert -> [N, D], in autocast's dtype under
+        autocast (as the matmuls of the loop would give)."""
+        dev = x.device.type
+        dtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+        x = x.to(dtype)  # no-ops outside autocast
+        w1, w3, w2 = self.gate_proj.to(dtype), self.up_proj.to(dtype), self.down_proj.to(dtype)
+        if _grouped_mm_ok(x, w1.shape[1]):
             offs = counts.cumsum(0).to(torch.int32)  # no host sync: offsets stay on the device
-            h = F.silu(torch._grouped_mm(x, self.gate_proj.transpose(1, 2), offs=offs))
-            h = h * torch._grouped_mm(x, self.up_proj.transpose(1, 2), offs=offs)
-            return torch._grouped_mm(h, self.down_proj.transpose(1, 2), offs=offs)
-        outs = []
+            return (_grouped_swiglu if x.is_cuda else _grouped_swiglu_eager)(x, w1, w3, w2, offs)
+        outs = []  # reference loop: one matmul per expert (a host sync for the split sizes)
         for e, xe in enumerate(x.split(counts.tolist())):
-            h = F.silu(xe @ self.gate_proj[e].t()) * (xe @ self.up_proj[e].t())
-            outs.append(h @ self.down_proj[e].t())
+            h = F.silu(xe @ w1[e].t()) * (xe @ w3[e].t())
+            outs.append(h @ w2[e].t())
         return torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
+
+
+def _grouped_swiglu(x, w1, w3, w2, offs):
+    """All experts' SwiGLU in three grouped matmuls; x [N, D] sorted by expert, offs [E] cumulative counts."""
+    h = F.silu(torch._grouped_mm(x, w1.transpose(1, 2), offs=offs))  # [N, I]
+    h = h * torch._grouped_mm(x, w3.transpose(1, 2), offs=offs)
+    return torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)  # [N, D]
+
+
+# torch.compile's shape rules for _grouped_mm accept only bf16: the CPU kernel runs outside the graph.
+_grouped_swiglu_eager = torch.compiler.disable(_grouped_swiglu)
+
+
+def _cpu_grouped_mm_works() -> bool:
+    """Recent torch has a CPU kernel (with autograd) for torch._grouped_mm, older torch none: probe once."""
+    if not hasattr(torch, "_grouped_mm"):
+        return False
+    try:
+        x = torch.ones(3, 4, requires_grad=True)
+        y = torch._grouped_mm(x, torch.ones(2, 4, 4), offs=torch.tensor([1, 3], dtype=torch.int32))
+        y.backward(torch.ones_like(y))
+        return bool((y == 4).all() and (x.grad == 4).all())
+    except (RuntimeError, NotImplementedError):
+        return False
+
+
+_CPU_GROUPED_MM = _cpu_grouped_mm_works()
+
+
+def _grouped_mm_ok(x: torch.Tensor, hidden: int) -> bool:
+    """torch._grouped_mm takes bf16 on CUDA (Hopper), fp32/bf16 on CPU where probed, and rows of
+    multiples of 16 bytes; otherwise the experts run in the loop."""
+    aligned = (x.shape[-1] * x.element_size()) % 16 == 0 and (hidden * x.element_size()) % 16 == 0
+    if x.is_cuda:
+        return aligned and x.dtype == torch.bfloat16 and hasattr(torch, "_grouped_mm")
+    return aligned and x.device.type == "cpu" and _CPU_GROUPED_MM and x.dtype in (torch.float32, torch.bfloat16)
 
 
 class MoE(nn.Module):
@@ -155,13 +194,14 @@ class MoE(nn.Module):
     def dispatch_local(self, x, topk_idx, topk_weight):
         """Sort the N*K (token, expert) pairs by expert, run each expert on its slice, scatter back."""
         N, K = topk_idx.shape
-        flat_idx = topk_idx.flatten()  # [N*K]
-        order = flat_idx.argsort(stable=True)
+        sorted_idx, order = topk_idx.flatten().sort(stable=True)  # [N*K] pairs by expert
         token_of = order // K  # source token of each sorted pair
-        counts = torch.bincount(flat_idx, minlength=self.n_experts)
+        # tokens per expert read off the sorted ids: bincount's output size would cost a host sync on CUDA
+        ends = torch.searchsorted(sorted_idx, torch.arange(1, self.n_experts + 1, device=x.device))  # [E]
+        counts = torch.diff(ends, prepend=ends.new_zeros(1))
         out = self.experts(x[token_of], counts)  # [N*K, D]
         out = out * topk_weight.flatten()[order, None].to(out.dtype)
-        return torch.zeros_like(x).index_add_(0, token_of, out)
+        return torch.zeros_like(x).index_add_(0, token_of, out.to(x.dtype))
 
     def balance_loss(self, topk_idx, scores, B, T) -> torch.Tensor | None:
         mode = self.cfg.balance_mode
