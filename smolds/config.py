@@ -26,8 +26,21 @@ class ConfigError(ValueError):
     """A config value is wrong; the message names the field and what is allowed."""
 
 
+class YamlDataclass:
+    """to_dict / to_yaml for the config dataclasses (model and run)."""
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def to_yaml(self, path: str | Path | None = None) -> str:
+        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
+        if path is not None:
+            Path(path).write_text(text)
+        return text
+
+
 @dataclass
-class ModelConfig:
+class ModelConfig(YamlDataclass):
     # embedding and depth
     vocab_size: int = 49152
     hidden_size: int = 576
@@ -212,15 +225,6 @@ class ModelConfig:
         if str(spec).endswith((".yaml", ".yml")):
             return cls.from_yaml(spec)
         return cls.from_preset(str(spec))
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_yaml(self, path: str | Path | None = None) -> str:
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
 
     def replace(self, **changes) -> ModelConfig:
         return dataclasses.replace(self, **changes)

@@ -82,7 +82,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
     from data_prep import TokenWindows
-
     from smolds.checkpoint import load_pretrained
 
     try:

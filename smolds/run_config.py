@@ -7,13 +7,12 @@ so `--train.lr 3e-3`, `--model.attention_pattern [linear,mla]` and `--logging.wa
 
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 import yaml
 
-from smolds.config import ConfigError, ModelConfig, coerce_numbers
+from smolds.config import ConfigError, ModelConfig, YamlDataclass, coerce_numbers
 
 DEFAULT_DATA_DIR = "data/pydoc-bpe4096"  # where the embedded default corpus is prepared
 
@@ -77,7 +76,7 @@ SECTIONS = {"data": DataConfig, "train": TrainConfig, "eval": EvalConfig, "deeps
 
 
 @dataclass
-class RunConfig:
+class RunConfig(YamlDataclass):
     model: str | dict = "tiny"
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -111,15 +110,6 @@ class RunConfig:
             raise ConfigError(f"deepspeed.ep_size: must be a positive integer, got {d.ep_size!r}")
         if self.logging.wandb not in ("offline", "online", "disabled"):
             raise ConfigError(f"logging.wandb: unknown {self.logging.wandb!r}; allowed: offline, online, disabled")
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    def to_yaml(self, path: str | Path | None = None) -> str:
-        text = yaml.safe_dump(self.to_dict(), sort_keys=False)
-        if path is not None:
-            Path(path).write_text(text)
-        return text
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:

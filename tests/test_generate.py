@@ -6,7 +6,7 @@ import io
 
 import pytest
 import torch
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from helpers import byte_tokenizer
 
 from smolds import ModelConfig, Transformer
 from smolds.checkpoint import CheckpointError, TextTokenizer, save_pretrained
@@ -54,15 +54,6 @@ def tiny_model(pattern=("mla",), **kw) -> Transformer:
     return model
 
 
-def byte_tokenizer() -> Tokenizer:
-    """Byte-level BPE without merges: ids 0-2 are this project's special tokens, then one id per byte."""
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    vocab = {t: i for i, t in enumerate(special + sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(special)
-    return tok
 
 
 PROMPTS = [[5, 17, 33, 9, 81], [44, 2 + 3, 7, 120, 19, 3, 3, 60, 200, 11, 14], [99]]

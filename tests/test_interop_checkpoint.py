@@ -5,6 +5,7 @@ import json
 
 import pytest
 import torch
+from helpers import byte_tokenizer
 from safetensors import safe_open
 
 from smolds import ModelConfig, Transformer
@@ -33,16 +34,6 @@ def tiny(**kw) -> Transformer:
     return model
 
 
-def byte_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    vocab = {t: i for i, t in enumerate(special + sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(special)
-    return tok
 
 
 @pytest.mark.parametrize("tied", [True, False])

@@ -6,6 +6,7 @@ import json
 
 import pytest
 import torch
+from helpers import byte_tokenizer
 
 from smolds import ModelConfig, Transformer
 from smolds.checkpoint import TextTokenizer, load_pretrained, save_pretrained
@@ -33,16 +34,6 @@ def _randomize_norms(model):
                 p.uniform_(0.5, 1.5)
 
 
-def _byte_tokenizer():
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
-
-    special = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    vocab = {t: i for i, t in enumerate(special + sorted(pre_tokenizers.ByteLevel.alphabet()))}
-    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.add_special_tokens(special)
-    return tok
 
 
 # ------------------------------------------------------------------------------------------------ Llama in
@@ -58,7 +49,7 @@ def test_import_llama_matches_transformers(tmp_path, tied, kv_heads):
     hf = LlamaForCausalLM(hf_cfg).eval()
     _randomize_norms(hf)
     hf.save_pretrained(tmp_path / "hf")
-    _byte_tokenizer().save(str(tmp_path / "hf" / "tokenizer.json"))
+    byte_tokenizer().save(str(tmp_path / "hf" / "tokenizer.json"))
 
     model, tok = import_hf(tmp_path / "hf")
     cfg = model.config
@@ -140,7 +131,7 @@ def test_export_deepseek_v3_matches_transformers(tmp_path, case):
             if name.endswith("e_score_correction_bias"):
                 b.uniform_(0.0, 0.1)
     cfg = model.config
-    out = export_hf(model, tmp_path / "hf", TextTokenizer.coerce(_byte_tokenizer()))
+    out = export_hf(model, tmp_path / "hf", TextTokenizer.coerce(byte_tokenizer()))
 
     config = json.loads((out / "config.json").read_text())
     assert config["model_type"] == "deepseek_v3" and config["q_lora_rank"] == cfg.q_lora_rank
@@ -177,7 +168,7 @@ def test_export_deepseek_v3_matches_transformers(tmp_path, case):
 
 def test_export_hf_command_from_a_checkpoint(tmp_path):
     model = Transformer(mla_moe_config()).eval()
-    save_pretrained(model, tmp_path / "ck", _byte_tokenizer())
+    save_pretrained(model, tmp_path / "ck", byte_tokenizer())
     assert interop_main(["export-hf", str(tmp_path / "ck"), str(tmp_path / "hf")]) == 0
     assert (tmp_path / "hf" / "tokenizer.json").is_file() and (tmp_path / "hf" / "tokenizer_config.json").is_file()
     back, _ = import_hf(tmp_path / "hf")

@@ -91,7 +91,7 @@ def test_loss_free_updates_drive_maxvio_down_on_skewed_inputs():
     torch.nn.init.normal_(model.moe.gate.weight, 0, 0.3)
     skew = torch.randn(32) * 2.0  # every token shares a strong direction: a few experts dominate
     history = []
-    for step in range(150):
+    for _ in range(150):
         x = torch.randn(4, 64, 32) * 0.5 + skew
         with torch.no_grad():
             model.moe(x)
