@@ -137,6 +137,16 @@ def test_nonfinite_losses_are_skipped_then_stop(data_dir, tmp_path, monkeypatch)
     assert latest_checkpoint(out / "checkpoints").name == "step_0000005"
 
 
+def test_hybrid_linear_mla_model_trains_and_resumes(data_dir, tmp_path):
+    common = ["--model.attention_pattern", "[linear,mla]", "--train.steps", "4", "--train.eval_every", "4",
+              "--train.checkpoint_every", "2", "--eval.sample_tokens", "3"]
+    out = tmp_path / "hybrid"
+    s = train(cfg(data_dir, out, *common, "--train.steps", "2"))
+    assert s["step"] == 2
+    s = train(cfg(data_dir, out, *common), resume=True)
+    assert s["step"] == 4 and s["val_loss"] < 9 and len(s["samples"]) == 3
+
+
 def test_bf16_on_cpu_keeps_router_bias_fp32(data_dir, tmp_path):
     from safetensors.torch import load_file
 
