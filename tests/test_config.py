@@ -9,6 +9,7 @@ EXPECTED = {
     "smollm2-135m": (134_515_008, 134_515_008),
     "smollm2-deepseek-135m": (294_259_776, 140_315_712),
     "tiny": (1_876_480, 1_212_928),
+    "smollm2-deepseek-hybrid-135m": (307_943_695, 153_999_631),  # 23 linear + 7 MLA layers
 }
 
 
