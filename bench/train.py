@@ -4,7 +4,7 @@ Rows (one training step each = forward + backward + optimizer step on the same r
 - `ours`            our Transformer, eager; AdamW (fused on CUDA), bf16 = autocast over fp32 weights;
 - `ours-compiled`   the same with every block `torch.compile`d (--compile);
 - `hf-dsv3[...]`    transformers' DeepseekV3ForCausalLM with our weights (exported with `export_hf`, so the
-                    routing is the same), per --hf-attn x --hf-experts; the first is the reference of the ratios;
+                    routing is the same), one row per --hf-dsv3 ATTN:EXPERTS; the first is the ratios' reference;
 - `hf-llama`        transformers' LlamaForCausalLM at the dense reference config (smollm2-135m for the 135m
                     preset; for tiny/mid a GQA model of the same width and depth with FFN width = the MoE's
                     active FFN width), the "what SmolLM2 costs" row;
@@ -15,16 +15,19 @@ Rows (one training step each = forward + backward + optimizer step on the same r
 Our rows also run the loss-free bias update after each step (`update_router_biases`), as the trainer does.
 
 Timing: `--repeats` rounds; in each round every row runs `--steps` steps back to back (synchronized), rows in
-turn, so a noisy neighbour hurts all rows alike; the table gives the median round's tokens/s and the min-max.
+turn, so a noisy neighbour hurts all rows alike; the table gives the median round's tokens/s and the min-max,
+and tokens per second of process CPU time (tok/CPU-s). On a shared CPU box use `--threads 1` and read
+tok/CPU-s: with two OpenMP threads on oversubscribed cores a step can take 10-20x longer (threads wait for a
+descheduled partner), and wall-clock numbers then measure the neighbours, not the code.
 Memory: on CUDA the row's own bytes (weights, optimizer state) plus the peak of one step above what was
 allocated before it (torch.cuda.max_memory_allocated); on CPU an estimate: weights + gradients + optimizer
 state + the unique storages autograd saved for backward in one step (no allocator peak exists there).
 MFU (CUDA): tokens/s x `Transformer.flops_per_token(seq)` / 989 TFLOP/s (H100 dense bf16).
 
-    python bench/train.py --preset tiny                       # CPU, fp32, ~1 min on 2 cores
-    python bench/train.py --preset mid --steps 2 --repeats 5
+    python bench/train.py --preset tiny --threads 1 --compile --hf-dsv3 sdpa:grouped_mm,sdpa:eager   # ~3 min
+    python bench/train.py --preset mid --threads 1 --steps 2 --compile --hf-dsv3 sdpa:grouped_mm,sdpa:eager
     python bench/train.py --preset smollm2-deepseek-135m --device cuda --dtype bf16 --batch 8 --seq 2048 \\
-        --compile --hf-attn eager,sdpa --hf-experts eager,grouped_mm --json out.json
+        --compile --hf-dsv3 eager:eager,sdpa:grouped_mm --json out.json          # what bench/gpu_check.sh runs
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import gc
 import json
 import os
 import statistics
@@ -159,7 +163,7 @@ class Bench:
         hf.config.use_cache = False
         return hf.to(self.device).train(), src.flops_per_token(self.T)
 
-    def add_hf(self, arch: str, attn: str, experts: str | None):
+    def add_hf(self, arch: str, attn: str, experts: str | None = None):
         if arch == "llama":
             cfg, name = dense_reference(self.args.preset, self.cfg), f"hf-llama[attn={attn}]"
             kwargs = {"attn_implementation": attn}
@@ -167,13 +171,16 @@ class Bench:
             cfg, name = self.cfg, f"hf-dsv3[attn={attn},experts={experts}]"
             kwargs = {"attn_implementation": attn, "experts_implementation": experts}
         base = self._alloc()
+        note = ""
         try:
             hf, fpt = self._hf_from_ours(cfg, arch, **kwargs)
-        except (TypeError, ValueError, KeyError) as e:  # an option this transformers does not know
-            print(f"skipping {name}: {type(e).__name__}: {e}", file=sys.stderr)
-            return
-        used = getattr(hf.config, "_experts_implementation", None)
-        note = f"experts ran as {used}" if arch != "llama" and used not in (None, experts) else ""
+        except (TypeError, ValueError, KeyError) as e:  # an older transformers without experts_implementation
+            if arch == "llama":
+                raise
+            note = f"experts_implementation refused ({type(e).__name__}); "
+            hf, fpt = self._hf_from_ours(cfg, arch, attn_implementation=attn)
+        if arch != "llama":
+            note += f"experts ran as {getattr(hf.config, '_experts_implementation', 'eager (no option)')}"
         opt = self.adamw(hf)
 
         def step():
@@ -239,9 +246,11 @@ class Bench:
     def _add(self, row: Row, modules, opt, warmup: int, base: float, estimate: bool = True):
         """Warm the row up and take its memory. `base`: memory allocated before its weights were built."""
         shared = next((r for r in self.rows if r.owner == row.owner), None)
+        t0 = time.perf_counter()
         for _ in range(warmup):
             row.step()
         self.sync()
+        t_warm = time.perf_counter() - t0
         if self.cuda:
             row.static_bytes = shared.static_bytes if shared else torch.cuda.memory_allocated() - base
             before = torch.cuda.memory_allocated()
@@ -253,22 +262,38 @@ class Bench:
             row.static_bytes, saved = cpu_static_bytes(modules, opt), saved_activation_bytes(row.step, modules)
             row.peak_bytes = row.static_bytes + saved
         self.rows.append(row)
+        mem = f", memory {row.peak_bytes / 2**30:.2f} GiB" if row.peak_bytes is not None else ""
+        print(f"built {row.name}: {warmup} warm-up steps in {t_warm:.1f} s{mem}", file=sys.stderr, flush=True)
+
+    def attempt(self, name: str, build, *args):
+        """Build and warm up one row; a row that fails (an option this transformers lacks, out of memory)
+        is reported and skipped, so that a one-shot GPU run still measures the others."""
+        try:
+            build(*args)
+        except Exception as e:  # noqa: BLE001 - any failure of one row
+            msg = f"{type(e).__name__}: {(str(e).strip().splitlines() or [''])[0][:300]}"
+            print(f"row {name} failed: {msg}", file=sys.stderr, flush=True)
+            self.failed.append((name, msg))
+        gc.collect()
+        if self.cuda:
+            torch.cuda.empty_cache()
 
     def run(self):
         a = self.args
-        self.add_ours(compiled=False)
+        self.failed: list[tuple[str, str]] = []
+        self.attempt("ours", self.add_ours, False)
         if a.compile:
-            self.add_ours(compiled=True)
-        for attn in a.hf_attn.split(","):
-            for experts in a.hf_experts.split(","):
-                self.add_hf("deepseek_v3", attn, experts)
-        if a.llama:
-            self.add_hf("llama", a.hf_attn.split(",")[-1], None)
+            self.attempt("ours-compiled", self.add_ours, True)
+        for spec in filter(None, a.hf_dsv3.split(",")):
+            attn, _, experts = spec.partition(":")
+            self.attempt(f"hf-dsv3[{spec}]", self.add_hf, "deepseek_v3", attn, experts or "eager")
+        if a.llama_attn:
+            self.attempt("hf-llama", self.add_hf, "llama", a.llama_attn)
         ds_rows = [r for r in ("ds-engine", "ds-trainer") if r in a.deepspeed.split(",")]
         if ds_rows:
-            self.add_deepspeed(ds_rows)
+            self.attempt("ds", self.add_deepspeed, ds_rows)
         self.load = [os.getloadavg()]
-        for _ in range(a.repeats):
+        for i in range(a.repeats):
             for row in self.rows:
                 self.sync()
                 t0, c0 = time.perf_counter(), time.process_time()
@@ -279,6 +304,8 @@ class Bench:
                 row.rates.append(tokens / (time.perf_counter() - t0))
                 row.cpu_rates.append(tokens / max(time.process_time() - c0, 1e-9))
             self.load.append(os.getloadavg())
+            print(f"round {i + 1}/{a.repeats} (load {self.load[-1][0]:.2f}): "
+                  + ", ".join(f"{r.name} {r.rates[-1]:,.0f}" for r in self.rows), file=sys.stderr, flush=True)
 
 
 def cpu_static_bytes(modules, opt) -> float:
@@ -341,7 +368,7 @@ def report(bench: Bench) -> dict:
              f"load average (1 min) {load[0][0]:.2f} before timing, {load[-1][0]:.2f} after "
              f"(per round: {', '.join(f'{x[0]:.2f}' for x in load[1:])})", ""]
     ref = next((r for r in rows if r.name.startswith("hf-dsv3")), None)
-    ours = next(r for r in rows if r.name == "ours")
+    ours = next((r for r in rows if r.name == "ours"), rows[0] if rows else None)
     mem_kind = "peak GiB" if bench.cuda else "est. GiB"
     lines.append(f"| row | tok/s (median) | min-max | ms/step | x HF-DSv3 | x ours | tok/CPU-s | x HF-DSv3 (CPU-s) "
                  f"| {mem_kind} | MFU | note |")
@@ -353,7 +380,7 @@ def report(bench: Bench) -> dict:
         ms = 1000 * bench.B * bench.T / med
         mfu = med * r.flops_per_token / PEAK_FLOPS if bench.cuda else None
         vs_ref = med / statistics.median(ref.rates) if ref else None
-        vs_ours = med / statistics.median(ours.rates)
+        vs_ours = med / statistics.median(ours.rates)  # ours: the eager row (the first row if it failed)
         cpu = statistics.median(r.cpu_rates)
         cpu_vs_ref = cpu / statistics.median(ref.cpu_rates) if ref else None
         mem = r.peak_bytes / 2**30 if r.peak_bytes is not None else None
@@ -364,6 +391,9 @@ def report(bench: Bench) -> dict:
         result["rows"][r.name] = {"tok_s": med, "rates": r.rates, "ms_per_step": ms, "x_hf_dsv3": vs_ref,
                                   "x_ours": vs_ours, "tok_per_cpu_s": cpu, "cpu_rates": r.cpu_rates, "mem_gib": mem, "mfu": mfu,
                                   "flops_per_token": r.flops_per_token, "note": r.note}
+    for name, msg in bench.failed:
+        lines.append(f"| {name} | failed | | | | | | | | | {msg} |")
+    result["failed"] = dict(bench.failed)
     print("\n".join(lines), flush=True)
     return result
 
@@ -379,9 +409,10 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="rounds (rows interleaved within each)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="add a row with every block torch.compile'd")
-    p.add_argument("--hf-attn", default="sdpa", help="transformers attn_implementation(s), comma-separated")
-    p.add_argument("--hf-experts", default="eager", help="transformers experts_implementation(s) for DeepseekV3")
-    p.add_argument("--no-llama", dest="llama", action="store_false", help="skip the dense Llama reference")
+    p.add_argument("--hf-dsv3", default="sdpa:eager",
+                   help="transformers DeepseekV3 rows as ATTN:EXPERTS (attn_implementation, experts_implementation), "
+                        "comma-separated, e.g. eager:eager,sdpa:grouped_mm; the first is the ratios' reference")
+    p.add_argument("--llama-attn", default="sdpa", help="attn_implementation of the dense Llama row ('' for none)")
     p.add_argument("--deepspeed", default="ds-engine,ds-trainer", help="DeepSpeed rows ('' for none)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--json", default=None, help="also write the results here")

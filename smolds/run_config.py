@@ -30,7 +30,7 @@ class TrainConfig:
     micro_batch: int = 16  # sequences per rank per micro-step
     grad_accum: int = 1
     global_batch: int | None = None  # if set, must equal micro_batch * grad_accum * ranks
-    lr: float = 3e-3
+    lr: float = 2e-3
     min_lr_ratio: float = 0.0  # final lr = lr * min_lr_ratio
     schedule: str = "wsd"  # wsd (warmup-stable-decay, SmolLM2) or cosine
     warmup_steps: int = 40
