@@ -173,7 +173,8 @@ def deepspeed_config(cfg: RunConfig, env: parallel.Env, bf16: bool) -> dict:
         "train_batch_size": t.micro_batch * t.grad_accum * env.world,
         "gradient_clipping": t.grad_clip,
         "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": t.eps,
-                                                  "weight_decay": t.weight_decay, "torch_adam": True}},
+                                                  "weight_decay": t.weight_decay, "torch_adam": True,
+                                                  **({"fused": True} if env.device.type == "cuda" else {})}},
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
         "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,
@@ -209,12 +210,14 @@ def _all_finite(model, device) -> bool:
 
 @torch.no_grad()
 def _grad_norm(model, ep_group) -> float:
-    """Global L2 norm of the (already reduced) gradients; expert shards summed over the EP group."""
-    dense = torch.zeros((), dtype=torch.float64)
-    expert = torch.zeros((), dtype=torch.float64)
+    """Global L2 norm of the (already reduced) gradients; expert shards summed over the EP group.
+    Sums stay on the device: one host sync per step."""
+    device = next(model.parameters()).device
+    dense = torch.zeros((), dtype=torch.float64, device=device)
+    expert = torch.zeros((), dtype=torch.float64, device=device)
     for p in model.parameters():
         if p.grad is not None:
-            sq = p.grad.detach().double().pow(2).sum().cpu()
+            sq = p.grad.detach().double().pow(2).sum()
             if getattr(p, "allreduce", True) is False:
                 expert += sq
             else:

@@ -4,6 +4,7 @@ import pytest
 import torch
 
 from smolds import ModelConfig, Transformer
+from smolds.model import moe as moe_module
 from smolds.model.moe import MoE, Router, max_violation, naive_moe_reference, update_router_biases
 
 
@@ -22,8 +23,11 @@ def _moe(c):
     return m
 
 
+@pytest.mark.parametrize("path", ["grouped_mm", "loop"])
 @pytest.mark.parametrize("groups", [(1, 1), (4, 2)])
-def test_grouped_experts_equal_reference_outputs_and_grads(groups):
+def test_grouped_experts_equal_reference_outputs_and_grads(groups, path, monkeypatch):
+    if path == "loop":  # the per-expert loop that older torch (no CPU torch._grouped_mm) runs
+        monkeypatch.setattr(moe_module, "_CPU_GROUPED_MM", False)
     m = _moe(cfg(n_group=groups[0], topk_group=groups[1]))
     m.gate.e_score_correction_bias.copy_(torch.randn(8) * 0.1)
     x = torch.randn(2, 13, 32, requires_grad=True)
@@ -35,6 +39,21 @@ def test_grouped_experts_equal_reference_outputs_and_grads(groups):
     torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
     for a, b in zip(grads_fast, grads_ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_experts_under_autocast_run_in_its_dtype_on_both_paths(monkeypatch):
+    m = _moe(cfg())
+    x = torch.randn(2, 13, 32, requires_grad=True)
+    outs = []
+    for grouped in (True, False):
+        monkeypatch.setattr(moe_module, "_CPU_GROUPED_MM", grouped)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            y, _ = m(x)
+        (gx,) = torch.autograd.grad(y.float().sum(), [x])
+        outs.append((y.float(), gx))
+    assert y.dtype == x.dtype and torch.isfinite(outs[0][1]).all()
+    torch.testing.assert_close(outs[0][0], outs[1][0], rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(outs[0][1], outs[1][1], rtol=2e-2, atol=2e-2)
 
 
 def test_gate_weights_are_unbiased_normalized_affinities():

@@ -64,7 +64,8 @@ class Router(nn.Module):
 
     def forward(self, x: torch.Tensor):
         """x [N, D] -> (topk_idx [N, K] long, topk_weight [N, K] fp32, scores [N, E] fp32)."""
-        scores = F.linear(x.float(), self.weight.float()).sigmoid()  # [N, E] affinities
+        with torch.autocast(x.device.type, enabled=False):  # router math in fp32 even under autocast
+            scores = F.linear(x.float(), self.weight.float()).sigmoid()  # [N, E] affinities
         choice = scores.detach() + self.e_score_correction_bias  # biased, only for selection
         if self.n_group > 1:
             N = x.shape[0]
@@ -78,8 +79,10 @@ class Router(nn.Module):
         if self.norm_topk_prob:
             topk_weight = topk_weight / (topk_weight.sum(-1, keepdim=True) + 1e-20)
         topk_weight = topk_weight * self.scaling
-        with torch.no_grad():  # one bincount per layer per forward, no host sync
-            self.last_counts = torch.bincount(topk_idx.flatten(), minlength=self.n_experts).float()
+        with torch.no_grad():  # counts per layer per forward; index_add_ (not bincount): no host sync
+            flat = topk_idx.flatten()
+            self.last_counts = torch.zeros(self.n_experts, device=x.device).index_add_(
+                0, flat, torch.ones(flat.numel(), device=x.device))
             if self.training:  # only training tokens steer the bias
                 self.tokens_per_expert += self.last_counts
                 p = scores / scores.sum(-1, keepdim=True)  # [N, E] normalized affinities
@@ -123,11 +126,24 @@ class RoutedExperts(nn.Module):
         return torch.cat(outs) if outs else x.new_zeros(0, x.shape[-1])
 
 
+class _ContiguousGrad(torch.autograd.Function):
+    """Identity whose backward makes the incoming gradient contiguous: the CPU grouped-mm backward rejects
+    the stride-0 gradients that e.g. `out.sum()` produces."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad.contiguous()
+
+
 def _grouped_swiglu(x, w1, w3, w2, offs):
     """All experts' SwiGLU in three grouped matmuls; x [N, D] sorted by expert, offs [E] cumulative counts."""
     h = F.silu(torch._grouped_mm(x, w1.transpose(1, 2), offs=offs))  # [N, I]
     h = h * torch._grouped_mm(x, w3.transpose(1, 2), offs=offs)
-    return torch._grouped_mm(h, w2.transpose(1, 2), offs=offs)  # [N, D]
+    return _ContiguousGrad.apply(torch._grouped_mm(h, w2.transpose(1, 2), offs=offs))  # [N, D]
 
 
 # torch.compile's shape rules for _grouped_mm accept only bf16: the CPU kernel runs outside the graph.
