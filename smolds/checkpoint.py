@@ -19,6 +19,7 @@ directory or the new one under the final name, never half of one.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -205,9 +206,7 @@ def save_pretrained(model: nn.Module, out_dir: str | Path, tokenizer=None, extra
     model = unwrap(model)
     tok = TextTokenizer.coerce(tokenizer)
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         model.config.to_yaml(tmp / CONFIG_FILE)
         state = {k: v.detach().to("cpu").contiguous() for k, v in model.state_dict().items()}
         save_file(state, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "producer": "smolds"})
@@ -215,12 +214,21 @@ def save_pretrained(model: nn.Module, out_dir: str | Path, tokenizer=None, extra
             tok.save(tmp)
         if extra is not None:
             (tmp / EXTRA_FILE).write_text(json.dumps(extra, indent=2, default=str) + "\n")
+    return out_dir
+
+
+@contextlib.contextmanager
+def atomic_dir(out_dir: Path):
+    """Yield a temp dir beside out_dir; on success fsync it and swap it in, on any error remove it."""
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    try:
+        yield tmp
         _finish_dir(tmp)
         _replace_dir(tmp, out_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    return out_dir
 
 
 def _finish_dir(path: Path) -> None:

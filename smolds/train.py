@@ -107,17 +107,13 @@ def check_out_dir(cfg: RunConfig, resume: bool):
         raise TrainError(f"train.out_dir {out} holds a run with a different model; choose another --train.out_dir")
 
 
-class _ExpertParallelMarker(nn.Module):
-    """Built on demand as a subclass of DeepSpeed's MoE: the engine enables its expert-parameter handling
-    (per-group gradient reduction, ZeRO MoE groups, per-EP-rank optimizer files) only when it finds an
-    instance of its own MoE class in the model. This holds no parameters and owns no experts."""
-
-
 def _deepspeed_moe_marker(ep_size: int) -> nn.Module:
     from deepspeed.moe.layer import MoE as DeepSpeedMoE
 
     class Marker(DeepSpeedMoE):
-        __doc__ = _ExpertParallelMarker.__doc__
+        """DeepSpeed's engine enables its expert-parameter handling (per-group gradient reduction, ZeRO MoE
+        groups, per-EP-rank optimizer files) only when it finds an instance of its own MoE class in the
+        model. This subclass holds no parameters and owns no experts; smolds' MoE does the work."""
 
         def __init__(self):
             nn.Module.__init__(self)

@@ -25,13 +25,11 @@ from __future__ import annotations
 
 import json
 import re
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
 
-from smolds.checkpoint import TextTokenizer, _finish_dir, _replace_dir, save_pretrained, unwrap
+from smolds.checkpoint import TextTokenizer, atomic_dir, save_pretrained, unwrap
 from smolds.config import ConfigError, ModelConfig
 from smolds.model.transformer import Transformer
 
@@ -372,18 +370,11 @@ def export_hf(model, out_dir: str | Path, tokenizer=None, arch: str = "deepseek_
     else:
         raise InteropError(f"unknown export arch {arch!r} (deepseek_v3 or llama)")
     out_dir = Path(out_dir)
-    out_dir.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    try:
+    with atomic_dir(out_dir) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
         if tok is not None:
             tok.save(tmp)
             gen = {k: v for k, v in _special_token_ids(tok).items()}
             (tmp / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
-        _finish_dir(tmp)
-        _replace_dir(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out_dir
