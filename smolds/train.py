@@ -274,14 +274,14 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     peak = next((v for k, v in PEAK_TFLOPS.items() if env.device.type == "cuda" and k in torch.cuda.get_device_name()), None)
     tokenizer_path = getattr(train_data, "tokenizer_path", None)
 
-    def export(state_dict, path):
-        from smolds.checkpoint import save_pretrained
-
-        full = Transformer(model_cfg)
-        full.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
-        save_pretrained(full, path, tokenizer=tokenizer_path, extra={"step": step})
-
     def save(step_):
+        def export(state_dict, path):  # the consolidated copy, full model on rank 0, fp32
+            from smolds.checkpoint import save_pretrained
+
+            full = Transformer(model_cfg)
+            full.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
+            save_pretrained(full, path, tokenizer=tokenizer_path, extra={"step": step_})
+
         if not _all_finite(model, env.device):
             raise TrainError(f"step {step_}: weights are not finite; refusing to checkpoint them "
                              "(lower --train.lr or check the data)")
@@ -293,7 +293,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
         return path
 
     preempt = Preemption()
-    history, nonfinite_run, nonfinite_total = [], 0, state.get("nonfinite_total", 0)
+    nonfinite_run, nonfinite_total = 0, state.get("nonfinite_total", 0)
     summary = {"out_dir": str(out_dir), "first_loss": None, "last_loss": None}
     step, last_saved, t_last, t_start, grad_norm = start_step, None, time.time(), time.time(), None
     for step in range(start_step, t.steps):
@@ -330,7 +330,6 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
             if monitor is not None:
                 monitor.update(counts)  # device work only, no collective
             loss = parallel.all_reduce_(torch.stack(losses).mean().to(env.device)) / env.world
-            history.append(float(loss))
             if summary["first_loss"] is None:
                 summary["first_loss"] = float(loss)
             summary["last_loss"] = float(loss)
