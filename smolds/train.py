@@ -228,9 +228,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     env = parallel.init(cfg.train.device)
     model_cfg = cfg.model_config()
     check_batch(cfg, env, model_cfg)
-    if env.is_main:
-        check_out_dir(cfg, resume)
-    parallel.barrier()
+    check_out_dir(cfg, resume)  # every rank reads the same files: all raise together, none waits in a collective
     t = cfg.train
     out_dir, ckpt_root = Path(t.out_dir), Path(t.out_dir) / "checkpoints"
     bf16 = t.dtype == "bf16" or (t.dtype == "auto" and env.device.type == "cuda")
