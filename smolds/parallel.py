@@ -93,6 +93,12 @@ def all_reduce_(t: torch.Tensor, op=dist.ReduceOp.SUM, group=None) -> torch.Tens
     return t
 
 
+def any_rank(flag: bool, device) -> bool:
+    """True on every rank when `flag` is True on any rank (a collective: every rank must call it)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    return bool(all_reduce_(t, op=dist.ReduceOp.MAX).item() > 0)
+
+
 def barrier():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

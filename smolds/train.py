@@ -60,9 +60,16 @@ def load_data(cfg: RunConfig, model_cfg: ModelConfig, env: parallel.Env):
         if cfg.data.dir != DEFAULT_DATA_DIR:
             raise TrainError(f"data.dir {data_dir} holds no shards (no manifest.json); "
                              f"run `smolds prep SOURCES --out {data_dir}` first")
+        failed = None
         if env.is_main:
-            prepare_default(data_dir)
-        parallel.barrier()
+            try:
+                prepare_default(data_dir)
+            except Exception as e:  # tell the other ranks instead of leaving them waiting in a collective
+                failed = e
+        if parallel.any_rank(failed is not None, env.device) and failed is None:
+            raise TrainError(f"rank 0 could not prepare the default corpus in {data_dir}; see rank 0's error")
+        if failed is not None:
+            raise failed
     common = dict(seq_len=cfg.train.seq_len, seed=cfg.train.seed, dp_rank=env.rank, dp_size=env.world)
     train = TokenWindows(data_dir, split="train", **common)
     val = TokenWindows(data_dir, split="val", **common)

@@ -91,3 +91,14 @@ def test_expert_parallel_resume_matches_uninterrupted(results):
     assert str(STEPS) in resumed
     for step in list(full)[4:]:
         assert resumed[step] == pytest.approx(full[step], abs=1e-6), step
+
+
+def test_rank0_corpus_failure_stops_every_rank(tmp_path):
+    """Rank 0 prepares the default corpus while the others wait; if it fails, they must fail too, not hang."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(_port()),
+           str(ROOT / "tests" / "dist" / "prep_failure.py"), str(tmp_path / "out")]
+    proc = subprocess.run(cmd, env=env, cwd=tmp_path, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "out.rank0").read_text() == f"OSError: disk full while writing {Path('data/pydoc-bpe4096')}"
+    assert (tmp_path / "out.rank1").read_text().startswith("TrainError: rank 0 could not prepare the default corpus")

@@ -1,0 +1,33 @@
+"""Rank 0 fails to prepare the default corpus: every rank must raise (none may wait forever in a collective).
+
+    torchrun --nproc_per_node 2 tests/dist/prep_failure.py OUT_PREFIX   (run in an empty working directory)
+
+Each rank writes the type and message of the error it raised to OUT_PREFIX.rankN.
+"""
+
+import sys
+from pathlib import Path
+
+import data_prep
+from smolds import ModelConfig, parallel
+from smolds.run_config import RunConfig
+from smolds.train import load_data
+
+
+def broken_prepare(out_dir, *args, **kwargs):
+    raise OSError(f"disk full while writing {out_dir}")
+
+
+def main():
+    data_prep.prepare_default = broken_prepare  # load_data imports it from the package at call time
+    env = parallel.init("cpu")
+    try:
+        load_data(RunConfig(), ModelConfig.from_preset("tiny"), env)
+        result = "no error"
+    except Exception as e:
+        result = f"{type(e).__name__}: {e}"
+    Path(f"{sys.argv[1]}.rank{env.rank}").write_text(result)
+
+
+if __name__ == "__main__":
+    main()
