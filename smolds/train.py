@@ -207,7 +207,8 @@ class Preemption:
 
 
 def _all_finite(model, device) -> bool:
-    ok = torch.tensor([1.0 if all(torch.isfinite(p).all() for p in model.parameters()) else 0.0], device=device)
+    local = [getattr(p, "ds_tensor", p) for p in model.parameters()]  # ZeRO-3: this rank's partition
+    ok = torch.tensor([1.0 if all(torch.isfinite(p).all() for p in local) else 0.0], device=device)
     return bool(parallel.all_reduce_(ok, op=dist.ReduceOp.MIN).item() > 0)
 
 
@@ -265,17 +266,16 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     if model_cfg.moe_layers:
         monitor = RoutingMonitor.for_model(model, ep_size=cfg.deepspeed.ep_size,
                                            out_dir=out_dir / "routing" if env.is_main else None)
-    n_params, n_active = model.num_parameters(), model.num_parameters(active=True)
-    if ep_group is not None:  # count the experts held by other EP ranks too
-        n_params = sum(p.numel() * (cfg.deepspeed.ep_size if getattr(p, "allreduce", True) is False else 1)
-                       for p in model.parameters())
+    with torch.device("meta"):  # the whole model's counts (this rank may hold a share: EP, ZeRO-3)
+        whole = Transformer(model_cfg)
+    n_params, n_active = whole.num_parameters(), whole.num_parameters(active=True)
     log.log_text(f"smolds: {n_params / 1e6:.2f}M parameters ({n_active / 1e6:.2f}M active), {env.world} rank(s), "
                  f"ZeRO-{cfg.deepspeed.zero_stage}, ep_size {cfg.deepspeed.ep_size}, "
                  f"{'bf16' if bf16 else 'fp32'} on {env.device.type}, "
                  f"{'resumed from ' + str(latest) if latest else 'fresh start'}")
 
     tokens_per_step = t.micro_batch * t.grad_accum * env.world * t.seq_len
-    flops_per_token = model.flops_per_token(t.seq_len)
+    flops_per_token = whole.flops_per_token(t.seq_len)
     peak = next((v for k, v in PEAK_TFLOPS.items() if env.device.type == "cuda" and k in torch.cuda.get_device_name()), None)
     tokenizer_path = getattr(train_data, "tokenizer_path", None)
 

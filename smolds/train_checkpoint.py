@@ -76,8 +76,16 @@ def local_expert_state(model) -> dict[str, torch.Tensor]:
 
 
 def full_state_dict(model, ep_group) -> dict[str, torch.Tensor]:
-    """The whole model's state dict on every rank, with routed experts gathered across the EP group."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+    """The whole model's state dict on every rank, with routed experts gathered across the EP group
+    and, under ZeRO-3, every parameter gathered from its partitions (a collective: all ranks call it)."""
+    partitioned = [p for p in model.parameters() if hasattr(p, "ds_id")]  # ZeRO-3 marks its parameters
+    if partitioned:
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(partitioned):
+            state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+    else:
+        state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     if ep_group is None:
         return state
     P = dist.get_world_size(ep_group)

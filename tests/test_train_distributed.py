@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 DRIVER = ROOT / "tests" / "dist" / "train_driver.py"
@@ -20,6 +21,7 @@ STEPS = 8
 # Same global batch (8 windows of 32 tokens): 2 ranks x 4, or 1 rank x 8. fp32 on CPU.
 COMMON = (f"--model.num_hidden_layers 2 --train.seq_len 32 --train.steps {STEPS} --train.warmup_steps 2 "
           "--train.log_every 1 --train.eval_every 100 --train.checkpoint_every 100 --train.lr 3e-3")
+DENSE = "--model.ffn_pattern [dense]"  # ZeRO-3 is for dense models (DeepSpeed refuses it with MoE)
 TOLERANCE = 2e-4  # |loss difference| per step; reduction order differs across ranks, nothing else should
 
 
@@ -52,7 +54,8 @@ def results(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
     prepare_default(tmp / "data")
     single = _torchrun(1, tmp / "single.json", tmp / "data", tmp / "single",
-                       [f"single:{COMMON} --train.micro_batch 8"])
+                       [f"single:{COMMON} --train.micro_batch 8",
+                        f"single_dense:{COMMON} --train.micro_batch 8 {DENSE}"])
     two = f"{COMMON} --train.micro_batch 4"
     dist = _torchrun(2, tmp / "dist.json", tmp / "data", tmp / "dist", [
         f"zero1:{two} --deepspeed.zero_stage 1",
@@ -60,14 +63,17 @@ def results(tmp_path_factory):
         f"zero2_ep2:{two} --deepspeed.zero_stage 2 --deepspeed.ep_size 2",
         f"zero2_ep2_resumed:{two} --deepspeed.zero_stage 2 --deepspeed.ep_size 2 --preempt-at 4",
         f"zero2_ep2_resumed+resume:{two} --deepspeed.zero_stage 2 --deepspeed.ep_size 2",
+        f"zero3_dense:{two} --deepspeed.zero_stage 3 {DENSE}",
+        f"zero3_dense_resumed:{two} --deepspeed.zero_stage 3 {DENSE} --preempt-at 4",
+        f"zero3_dense_resumed+resume:{two} --deepspeed.zero_stage 3 {DENSE}",
     ])
-    return single[0]["single"], dist
+    return single[0], dist, tmp
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("run", ["zero1", "zero2", "zero2_ep2"])
 def test_two_ranks_follow_single_process(results, run):
-    single, dist = results
+    single, dist = results[0]["single"], results[1]
     ref, got = single["losses"], dist[0][run]["losses"]
     assert len(ref) == STEPS and len(got) == STEPS
     diffs = [abs(ref[s] - got[s]) for s in ref]
@@ -86,11 +92,30 @@ def test_two_ranks_follow_single_process(results, run):
 
 @pytest.mark.slow
 def test_expert_parallel_resume_matches_uninterrupted(results):
-    _, dist = results
+    dist = results[1]
     full, resumed = dist[0]["zero2_ep2"]["losses"], dist[0]["zero2_ep2_resumed+resume"]["losses"]
     assert str(STEPS) in resumed
     for step in list(full)[4:]:
         assert resumed[step] == pytest.approx(full[step], abs=1e-6), step
+
+
+@pytest.mark.slow
+def test_zero3_dense_follows_single_process_and_resumes(results):
+    """ZeRO-3 partitions every parameter: losses, the gathered consolidated export and resume must not notice."""
+    from smolds.checkpoint import load_pretrained
+
+    single, dist, tmp = results[0]["single_dense"], results[1], results[2]
+    ref, got = single["losses"], dist[0]["zero3_dense"]["losses"]
+    assert len(got) == STEPS and max(abs(ref[s] - got[s]) for s in ref) < TOLERANCE, (ref, got)
+    resumed = dist[0]["zero3_dense_resumed+resume"]["losses"]
+    for step in list(got)[4:]:
+        assert resumed[step] == pytest.approx(got[step], abs=1e-6), step
+    # The consolidated copy holds the whole model (gathered from both ranks' partitions), equal to one process's.
+    final = f"checkpoints/step_{STEPS:07d}/consolidated"
+    a, _ = load_pretrained(tmp / "single" / "single_dense" / final)
+    b, _ = load_pretrained(tmp / "dist" / "zero3_dense" / final)
+    ids = torch.randint(0, a.config.vocab_size, (2, 16))
+    torch.testing.assert_close(b(ids).logits, a(ids).logits, atol=2e-3, rtol=0)
 
 
 def test_rank0_corpus_failure_stops_every_rank(tmp_path):
