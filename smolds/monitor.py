@@ -25,8 +25,8 @@ Definitions (counts c_i are (token, expert) assignments, so they sum to K per to
     CV              std(c) / mean(c) (population std)
     load entropy    H(share) / log E: 1 = even, 0 = one expert takes everything
     router entropy  mean over tokens of H(p_t) / log E, p_t = the token's sigmoid affinities normalized to
-                    sum 1: how undecided the router is (per rank: this rank's tokens; every other number
-                    here is over the global batch)
+                    sum 1: how undecided the router is (over the global batch, like every number here:
+                    the per-layer (sum, tokens) pairs are all-reduced at report time)
     dead expert     no tokens for `window` consecutive optimizer steps (offline: none in the last `window`)
     EP imbalance    per step, max / mean over EP ranks of the assignments each rank's experts receive: the
                     slowest rank's share of the all-to-all and of the expert compute
@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from smolds.model.moe import max_violation, routers
 
@@ -135,14 +136,15 @@ class RoutingMonitor:
     """Accumulates the all-reduced counts of every optimizer step on the device; reports at log steps.
 
     Call `update(counts)` after every optimizer step with the [L, E] tensor `update_router_biases`
-    returned, and `report(step)` at log steps. Neither runs a collective, so the monitor can live on rank 0
-    only; built with `for_model` it also reads the routers' biases and entropy (and zeroes their entropy
-    accumulators each update), so build it on every rank then, or the other ranks' accumulators only grow.
+    returned, and `report(step)` at log steps. Built with `for_model` it also reads the routers' biases and
+    entropy (and zeroes their entropy accumulators each update): build it on every rank then, because
+    `report` sums the entropy over `group` (default: all ranks) in one small all-reduce. Without routers
+    nothing here runs a collective, so such a monitor can live on rank 0 only.
     """
 
     def __init__(self, n_layers: int, n_experts: int, ep_size: int = 1, window: int = DEFAULT_WINDOW,
                  maxvio_threshold: float = DEFAULT_MAXVIO_THRESHOLD, log_images_every: int = DEFAULT_IMAGES_EVERY,
-                 out_dir: str | Path | None = None, layer_ids: list[int] | None = None):
+                 out_dir: str | Path | None = None, layer_ids: list[int] | None = None, group=None):
         if ep_size < 1 or n_experts % ep_size:
             raise ValueError(f"ep_size {ep_size} must be >= 1 and divide n_experts {n_experts}")
         if window < 1:
@@ -155,6 +157,7 @@ class RoutingMonitor:
             raise ValueError(f"{len(self.layer_ids)} layer ids for {n_layers} MoE layers")
         self.history: list[tuple[int, list[float]]] = []  # (step, MaxVio per layer) of every report
         self._routers: list = []
+        self.group = group  # the ranks whose router entropy is summed (None: all)
         self._prev_bias: torch.Tensor | None = None
         self._device = None
         self._steps = 0
@@ -226,6 +229,8 @@ class RoutingMonitor:
         zero_run, vio_run = self._zero_run.cpu(), int(self._vio_run)
         entropy = None
         if self._routers:
+            if dist.is_available() and dist.is_initialized():
+                dist.all_reduce(self._entropy, group=self.group)  # every rank's tokens, like the counts
             ent = self._entropy.double().cpu()
             if bool((ent[:, 1] > 0).all()):
                 entropy = ent[:, 0] / ent[:, 1] / (math.log(E) if E > 1 else 1.0)

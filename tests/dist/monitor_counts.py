@@ -4,7 +4,7 @@ Both ranks build the same two-layer MoE stack (same seed) and a reference copy. 
 a fixed global batch through the distributed copy; the reference routes the whole batch in this one
 process. `update_router_biases` must return the same [L, E] counts on every rank as the reference's
 (all-reduced over a one-rank group, i.e. not at all), leave identical biases, and give the monitor identical
-rows. Then again with the routed experts sharded by expert parallelism, where the assignments each rank
+rows (router entropy included: summed over the ranks' tokens at report time). Then again with the routed experts sharded by expert parallelism, where the assignments each rank
 actually received must equal the monitor's tokens_per_ep_rank.
 """
 
@@ -54,7 +54,7 @@ def check(ep: bool, rank: int, world: int, solo_group):
             moe.experts.forward = counting
     torch.manual_seed(1)
     batch = torch.randn(2 * world, 9, 32) + torch.randn(32)  # one shared direction: an uneven load
-    mon_ref = RoutingMonitor.for_model(ref, ep_size=world)
+    mon_ref = RoutingMonitor.for_model(ref, ep_size=world, group=solo_group)
     mon = RoutingMonitor.for_model(dist_model, ep_size=world)
     for step in range(3):  # the bias moves between steps: later routing depends on the all-reduced counts
         x = batch + 0.1 * step
@@ -72,6 +72,9 @@ def check(ep: bool, rank: int, world: int, solo_group):
     for k in ("expert_counts", "maxvio_per_layer", "cv_per_layer", "router_bias", "tokens_per_ep_rank",
               "ep_imbalance_per_layer", "dead_experts_per_layer"):
         assert a[k] == b[k], (ep, k, a[k], b[k])
+    # Router entropy is summed over the ranks' tokens at report time: the whole batch's, as one process's.
+    assert torch.allclose(torch.tensor(a["router_entropy_per_layer"]), torch.tensor(b["router_entropy_per_layer"]),
+                          rtol=1e-5), (ep, a["router_entropy_per_layer"], b["router_entropy_per_layer"])
     if ep:
         dist.all_reduce(received)
         per_rank = torch.tensor(b["tokens_per_ep_rank"]).sum(0)  # summed over the 2 layers and 3 steps
