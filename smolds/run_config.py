@@ -49,6 +49,7 @@ class TrainConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
+    init_from: str | None = None  # fresh start from these weights (consolidated/training checkpoint or run dir)
 
 
 @dataclass

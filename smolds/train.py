@@ -100,6 +100,24 @@ def check_batch(cfg: RunConfig, env: parallel.Env, model_cfg: ModelConfig):
         raise TrainError("ZeRO-3 does not support MoE parameters in DeepSpeed; use --deepspeed.zero_stage 2")
 
 
+def layout(cfg: RunConfig, env: parallel.Env) -> dict:
+    """What DeepSpeed's checkpoint files depend on: ZeRO shards per data-parallel rank, experts per EP rank."""
+    return {"ranks": env.world, "zero_stage": cfg.deepspeed.zero_stage, "ep_size": cfg.deepspeed.ep_size}
+
+
+def check_layout(saved: dict | None, now: dict, path: Path):
+    """Resuming needs the checkpoint's layout (ZeRO-0 tolerates another rank count). Every rank reads the
+    same file, so all raise together."""
+    if not saved or saved == now:
+        return
+    if saved["zero_stage"] == now["zero_stage"] == 0 and saved["ep_size"] == now["ep_size"]:
+        return  # ZeRO-0 keeps the whole optimizer state in one file
+    said = lambda d: f"{d['ranks']} rank(s), ZeRO-{d['zero_stage']}, ep_size {d['ep_size']}"
+    raise TrainError(f"checkpoint {path} was written by {said(saved)} but this run has {said(now)}; resume with "
+                     f"the same layout, or start a new run from its weights with --train.init_from {path} "
+                     "(optimizer state and data position start over)")
+
+
 def check_out_dir(cfg: RunConfig, resume: bool):
     """Refuse to mix two different runs in one output dir."""
     out = Path(cfg.train.out_dir)
@@ -139,6 +157,8 @@ def _deepspeed_moe_marker(ep_size: int) -> nn.Module:
 def build_model(cfg: RunConfig, model_cfg: ModelConfig, env: parallel.Env):
     torch.manual_seed(cfg.train.seed)  # identical init on every rank (also for the sliced experts)
     model = Transformer(model_cfg)
+    if cfg.train.init_from:  # whole weights (and router biases) on every rank, before any sharding
+        load_weights(model, cfg.train.init_from)
     ep_group = None
     if cfg.deepspeed.ep_size > 1:
         from smolds.model.expert_parallel import shard_experts
@@ -153,6 +173,21 @@ def build_model(cfg: RunConfig, model_cfg: ModelConfig, env: parallel.Env):
                     p.allreduce, p.group_name = False, group_name  # DeepSpeed's expert-parameter marks
         model.add_module("_deepspeed_moe_marker", _deepspeed_moe_marker(cfg.deepspeed.ep_size))
     return model, ep_group
+
+
+def load_weights(model: Transformer, path: str):
+    from smolds.checkpoint import CheckpointError, load_pretrained
+
+    try:
+        source, _ = load_pretrained(path)
+    except (CheckpointError, FileNotFoundError, ValueError) as e:
+        raise TrainError(f"train.init_from: {e}") from None
+    if source.config != model.config:
+        a, b = source.config.to_dict(), model.config.to_dict()
+        diff = ", ".join(f"{k} {a.get(k)!r} there, {b.get(k)!r} here" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+        raise TrainError(f"train.init_from {path}: its model differs from this run's ({diff}); "
+                         "drop the --model overrides or pick a matching checkpoint")
+    model.load_state_dict(source.state_dict(), strict=True)
 
 
 def param_groups(model: nn.Module, weight_decay: float, ep: bool) -> list[dict]:
@@ -253,6 +288,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     start_step, state = 0, {}
     latest = ckpt.latest_checkpoint(ckpt_root) if resume else None
     if latest is not None:
+        check_layout(ckpt.read_trainer_state(latest).get("layout"), layout(cfg, env), latest)
         state = ckpt.load(engine, model, latest, ep_group)
         start_step = state["step"]
         train_data.load_state_dict(state["data"])
@@ -291,7 +327,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
             raise TrainError(f"step {step_}: weights are not finite; refusing to checkpoint them "
                              "(lower --train.lr or check the data)")
         trainer_state = {"data": train_data.state_dict(), "nonfinite_total": nonfinite_total,
-                         "tokens_seen": (step_) * tokens_per_step}
+                         "tokens_seen": (step_) * tokens_per_step, "layout": layout(cfg, env)}
         path = ckpt.save(engine, model, ckpt_root, step_, trainer_state, is_main=env.is_main, ep_group=ep_group,
                          keep=t.keep_checkpoints, export=export)
         log.log_text(f"step {step_}: checkpoint {path}")

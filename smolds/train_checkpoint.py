@@ -137,6 +137,10 @@ def save(engine, model, ckpt_root: Path, step: int, trainer_state: dict, *, is_m
     return ckpt_root / tag
 
 
+def read_trainer_state(path: Path) -> dict:
+    return json.loads((Path(path) / STATE_FILE).read_text())
+
+
 def load(engine, model, path: Path, ep_group=None) -> dict:
     """Restore engine (weights, optimizer shards) and return the trainer state; biases and RNG restored."""
     path = Path(path)
@@ -152,7 +156,7 @@ def load(engine, model, path: Path, ep_group=None) -> dict:
         with torch.no_grad():
             for key, value in shard.items():
                 params[key].copy_(value)
-    state = json.loads((path / STATE_FILE).read_text())
+    state = read_trainer_state(path)
     named = dict(model.named_modules())
     with torch.no_grad():
         for name, values in state.get("router_biases", {}).items():

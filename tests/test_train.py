@@ -190,3 +190,31 @@ def test_cli_reports_errors_in_one_line(capsys, tmp_path):
     assert main(["--train.out_dir", str(tmp_path), "--data.dir", str(tmp_path / "none")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith("smolds train: error:") and "smolds prep" in err[0]
+
+
+def test_resume_with_another_layout_is_refused_and_init_from_starts_over(data_dir, tmp_path):
+    from safetensors.torch import load_file
+
+    out = tmp_path / "run"
+    first = train(cfg(data_dir, out, "--train.steps", "2", "--train.eval_every", "100", "--deepspeed.zero_stage", "1"))
+    # ZeRO-1 shards the optimizer per rank: another stage (or rank count) cannot read them.
+    with pytest.raises(TrainError, match=r"written by 1 rank\(s\), ZeRO-1, ep_size 1 but this run has 1 rank\(s\), "
+                                         r"ZeRO-2.*--train.init_from"):
+        train(cfg(data_dir, out, "--train.steps", "4", "--deepspeed.zero_stage", "2"), resume=True)
+    # --train.init_from: the new run starts from those weights (lr 0 keeps them, so its export equals them;
+    # the router biases still take their one sign-rule step, so they are compared to within that step).
+    again = train(cfg(data_dir, tmp_path / "again", "--train.steps", "1", "--train.eval_every", "100",
+                      "--train.lr", "0", "--deepspeed.zero_stage", "2", "--train.init_from", str(out)))
+    a = load_file(str(Path(first["checkpoint"]) / "consolidated" / "model.safetensors"))
+    b = load_file(str(Path(again["checkpoint"]) / "consolidated" / "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        if k.endswith("e_score_correction_bias"):
+            assert (a[k] - b[k]).abs().max() <= 1e-2 + 1e-7, k  # tiny's bias_update_rate
+        else:
+            assert torch.equal(a[k], b[k]), k
+    with pytest.raises(TrainError, match="init_from.*differs from this run's.*hidden_size 128 there, 64 here"):
+        train(cfg(data_dir, tmp_path / "other", "--train.steps", "1", "--model.hidden_size", "64",
+                  "--train.init_from", str(out)))
+    with pytest.raises(TrainError, match="train.init_from"):
+        train(cfg(data_dir, tmp_path / "none", "--train.steps", "1", "--train.init_from", str(tmp_path / "missing")))
