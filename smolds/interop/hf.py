@@ -197,9 +197,13 @@ def deepseek_v3_state_dict(hf_state: dict, cfg: ModelConfig) -> dict:
 
 
 # --------------------------------------------------------------------------------------------- import
-def import_hf(path: str | Path, dtype: torch.dtype | None = None) -> tuple[Transformer, TextTokenizer | None]:
-    """A HF Llama or DeepseekV3 directory -> (our model, its tokenizer or None). dtype None keeps the saved one."""
-    path = Path(path)
+def import_hf(path: str | Path, dtype: torch.dtype | None = None,
+              revision: str | None = None) -> tuple[Transformer, TextTokenizer | None]:
+    """A HF Llama or DeepseekV3 directory, or a Hub repo id (downloaded or taken from the cache, see
+    `smolds.interop.hub`) -> (our model, its tokenizer or None). dtype None keeps the saved one."""
+    from smolds.interop.hub import resolve_model_dir
+
+    path = resolve_model_dir(path, revision)
     hf = read_hf_config(path)
     kind = hf.get("model_type")
     if kind not in ("llama", "deepseek_v3"):
@@ -217,10 +221,12 @@ def import_hf(path: str | Path, dtype: torch.dtype | None = None) -> tuple[Trans
     return build_model(cfg, state, dtype, source=str(path)), _hf_tokenizer(path)
 
 
-def import_hf_to(path: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None) -> Path:
-    """`smolds import-hf DIR OUT`: convert and save as a smolds checkpoint."""
-    model, tok = import_hf(path, dtype)
-    return save_pretrained(model, out_dir, tok, extra={"imported_from": str(Path(path).resolve())})
+def import_hf_to(path: str | Path, out_dir: str | Path, dtype: torch.dtype | None = None,
+                 revision: str | None = None) -> Path:
+    """`smolds import-hf DIR|REPO_ID OUT`: convert and save as a smolds checkpoint."""
+    model, tok = import_hf(path, dtype, revision)
+    source = str(Path(path).resolve()) if Path(path).is_dir() else f"{path}{'@' + revision if revision else ''}"
+    return save_pretrained(model, out_dir, tok, extra={"imported_from": source})
 
 
 # ---------------------------------------------------------------------------------------- DeepseekV3 out
@@ -355,10 +361,13 @@ def _special_token_ids(tok: TextTokenizer | None) -> dict:
     return {k: v for k, v in ids.items() if v is not None}
 
 
-def export_hf(model, out_dir: str | Path, tokenizer=None, arch: str = "deepseek_v3") -> Path:
-    """Write a HF directory (config.json, model.safetensors, tokenizer files) that
-    `transformers.AutoModelForCausalLM.from_pretrained` loads offline; atomic like `save_pretrained`."""
+def export_hf(model, out_dir: str | Path, tokenizer=None, arch: str = "deepseek_v3", extra: dict | None = None) -> Path:
+    """Write a HF directory (config.json, model.safetensors, tokenizer files, a README.md model card listing
+    `extra`) that `transformers.AutoModelForCausalLM.from_pretrained` loads offline; atomic like
+    `save_pretrained`."""
     from safetensors.torch import save_file
+
+    from smolds.interop.hub import model_card
 
     model = unwrap(model)
     tok = TextTokenizer.coerce(tokenizer)
@@ -373,6 +382,7 @@ def export_hf(model, out_dir: str | Path, tokenizer=None, arch: str = "deepseek_
     with atomic_dir(out_dir) as tmp:
         (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         save_file(state, str(tmp / "model.safetensors"), metadata={"format": "pt"})
+        (tmp / "README.md").write_text(model_card(model, arch, extra))
         if tok is not None:
             tok.save(tmp)
             gen = {k: v for k, v in _special_token_ids(tok).items()}
