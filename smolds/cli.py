@@ -14,6 +14,7 @@ COMMANDS = {
     "train": ("smolds.train", "pretrain with the DeepSpeed engine (torchrun for many processes)"),
     "eval": ("smolds.evaluate", "validation loss / perplexity / MaxVio of a checkpoint"),
     "monitor": ("smolds.monitor", "expert-load report of a run (logs) or a checkpoint (data)"),
+    "curves": ("smolds.curves", "plot the training curves of one or more runs into a PNG"),
     "generate": ("smolds.generate", "sample text from a checkpoint"),
     "chat": ("smolds.chat", "chat with a checkpoint using its chat template"),
     "import-hf": ("smolds.interop.cli", "import a Hugging Face Llama/SmolLM2 directory"),

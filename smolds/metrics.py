@@ -1,4 +1,5 @@
-"""Where numbers go: a JSONL file (always), wandb (offline by default), and a progress bar on rank 0.
+"""Where numbers go: a JSONL file (always), wandb (offline by default), a progress bar on rank 0, and
+OUT_DIR/curves.png redrawn at every evaluation.
 
 Only rank 0 writes. The JSONL file is the source of truth that `smolds monitor` and the tests read; wandb
 gets the same scalars (offline runs sync later with `wandb sync OUT_DIR/wandb/offline-run-*`).
@@ -80,6 +81,18 @@ class MetricsLogger:
             self.bar.write(line)
         else:
             print(line, flush=True)
+
+    def draw_curves(self, step: int):
+        """Redraw OUT_DIR/curves.png (smolds.curves) from the JSONL so far; a drawing error is logged, not raised."""
+        if not self.enabled:
+            return
+        try:
+            from smolds.curves import plot_runs
+
+            self.jsonl.flush()
+            self.log_image(step, "curves", plot_runs([self.out_dir], self.out_dir / "curves.png"))
+        except Exception as e:  # plots must never stop training
+            self.log_text(f"curves.png not drawn: {type(e).__name__}: {e}")
 
     def progress(self, step: int, postfix: dict):
         """The live bar on a terminal; a plain line per log step in files (Slurm logs, CI)."""

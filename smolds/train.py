@@ -408,6 +408,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
                 summary["samples"] = samples
             log.log_text(f"step {step + 1}: val loss {ev['loss']:.4f}, ppl {ev['ppl']:.2f}"
                          + (f", MaxVio {ev['maxvio']:.3f}" if "maxvio" in ev else ""))
+            log.draw_curves(step + 1)
         if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
             last_saved = save(step + 1)
         if preempted:

@@ -52,6 +52,10 @@ def test_short_default_run_learns_and_writes_everything(data_dir, tmp_path, caps
     train_rows = [r for r in rows if r["kind"] == "train"]
     assert "maxvio" in train_rows[-1] and len(train_rows[-1]["expert_counts"]) == 1  # 1 MoE layer of 2
     assert any(r["kind"] == "eval" and "maxvio" in r for r in rows)
+    from PIL import Image
+
+    with Image.open(out / "curves.png") as im:  # redrawn at each eval; smolds.curves.FIGSIZE at 100 DPI
+        assert im.size == (1350, 700)
     # `smolds eval` on the run dir (resolves checkpoints/latest -> consolidated) gives the trainer's last eval.
     from smolds.evaluate import main as eval_main
 

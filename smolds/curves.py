@@ -1,0 +1,99 @@
+"""Training curves of one or more runs, from their metrics.jsonl: one PNG to look at instead of numbers.
+
+    smolds curves runs/tiny                         # -> runs/tiny/curves.png
+    smolds curves runs/mla runs/linear --out cmp.png --x tokens
+
+Six panels, every run overlaid: train loss, validation loss, learning rate, tokens/s, gradient norm and
+MaxVio (the routing monitor's mean over MoE layers). Panels with no data in any run say so. The trainer
+redraws OUT_DIR/curves.png at every evaluation. Rows are read as the trainer writes them; when a run was
+resumed, the last row written for a step wins (the resumed run's).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from smolds.monitor_plots import _figure, _save
+
+FIGSIZE = (13.5, 7.0)  # inches, 1350 x 700 pixels at the monitor's DPI
+PANELS = [  # (title, row kind, key, log scale)
+    ("train loss", "train", "loss", False),
+    ("validation loss", "eval", "loss", False),
+    ("learning rate", "train", "lr", False),
+    ("tokens / s", "train", "tokens_per_s", False),
+    ("gradient norm (before clipping)", "train", "grad_norm", True),
+    ("MaxVio (mean over MoE layers)", "train", "maxvio", False),
+]
+
+
+def read_series(run_dir: str | Path) -> dict[tuple[str, str], list[tuple[int, float, float]]]:
+    """{(kind, key): [(step, tokens, value)]} from RUN_DIR/metrics.jsonl, sorted by step."""
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        raise FileNotFoundError(f"{run_dir} has no metrics.jsonl; pass a training run's output dir")
+    by_step: dict[tuple[str, str], dict[int, tuple[float, float]]] = {}
+    tokens_at: dict[int, float] = {}
+    for line in path.read_text().splitlines():
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a line cut short by a crash
+        step, kind = row.get("step"), row.get("kind")
+        if not isinstance(step, int):
+            continue
+        if "tokens" in row:
+            tokens_at[step] = row["tokens"]
+        for key, value in row.items():
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and key not in ("step", "time"):
+                by_step.setdefault((kind, key), {})[step] = float(value)
+    per_token = max((t / s for s, t in tokens_at.items() if s), default=0.0)  # tokens per step
+    return {k: [(s, tokens_at.get(s, s * per_token), v) for s, v in sorted(d.items())] for k, d in by_step.items()}
+
+
+def plot_runs(run_dirs: list[str | Path], out: str | Path, x: str = "step") -> Path:
+    """Draw the runs' curves into one PNG; labels are the run dirs' names."""
+    if x not in ("step", "tokens"):
+        raise ValueError(f"x must be 'step' or 'tokens', got {x!r}")
+    runs = [(Path(d).name or str(d), read_series(d)) for d in run_dirs]
+    fig = _figure(FIGSIZE)
+    axes = fig.subplots(2, 3)
+    for ax, (title, kind, key, log_y) in zip(axes.flat, PANELS):
+        drawn = False
+        for label, series in runs:
+            points = series.get((kind, key))
+            if not points:
+                continue
+            xs = [p[0] if x == "step" else p[1] for p in points]
+            ax.plot(xs, [p[2] for p in points], label=label, marker="o" if kind == "eval" else None,
+                    markersize=3, linewidth=1.2)
+            drawn = True
+        ax.set_title(title, fontsize=10)
+        ax.set_xlabel(x)
+        if not drawn:
+            ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
+        elif log_y:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    if len(runs) > 1:
+        axes.flat[0].legend(fontsize=8)
+    fig.suptitle(", ".join(label for label, _ in runs))
+    return _save(fig, out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="smolds curves", description=__doc__.split("\n\n")[0])
+    p.add_argument("runs", nargs="+", help="training output dirs (each holds metrics.jsonl)")
+    p.add_argument("--out", help="PNG to write (default: RUN/curves.png for one run, curves.png for several)")
+    p.add_argument("--x", choices=["step", "tokens"], default="step")
+    args = p.parse_args(argv)
+    out = args.out or (Path(args.runs[0]) / "curves.png" if len(args.runs) == 1 else "curves.png")
+    try:
+        path = plot_runs(args.runs, out, args.x)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"smolds curves: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {path}")
+    return 0
