@@ -5,6 +5,7 @@
     pack.py       tokens into fixed-size shards + manifest; resume, verify
     workers.py    the tokenizer processes pack.py fans documents out to
     reader.py     TokenWindows: shuffled (x, y) windows per data-parallel rank, resumable
+    mixture.py    MixedWindows: several prepared directories mixed by weight, read like one
     cli.py        `smolds prep`
 """
 
@@ -12,7 +13,7 @@ from data_prep.errors import DataError
 from data_prep.pack import prepare, prepare_default, verify
 from data_prep.tokenizer import load_tokenizer
 
-__all__ = ["DataError", "TokenWindows", "load_tokenizer", "prepare", "prepare_default", "verify"]
+__all__ = ["DataError", "MixedWindows", "TokenWindows", "load_tokenizer", "prepare", "prepare_default", "verify"]
 
 
 def __getattr__(name: str):
@@ -22,4 +23,8 @@ def __getattr__(name: str):
         from data_prep.reader import TokenWindows
 
         return TokenWindows
+    if name == "MixedWindows":
+        from data_prep.mixture import MixedWindows
+
+        return MixedWindows
     raise AttributeError(f"module 'data_prep' has no attribute {name!r}")

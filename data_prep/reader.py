@@ -118,6 +118,9 @@ class TokenWindows:
                 "split": self.split, "fingerprint": self.manifest["fingerprint"]}
 
     def load_state_dict(self, state: dict) -> None:
+        if "mixture" in state:
+            raise DataError("the saved data position is for a mixture of directories (data_prep.mixture), this "
+                            "reader has one; resume with the same data.dir mapping, or start the data from the beginning")
         for key in ("fingerprint", "split", "seq_len", "seed"):
             mine = self.state_dict()[key]
             if state.get(key) != mine:

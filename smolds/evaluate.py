@@ -21,22 +21,33 @@ from smolds.model.moe import max_violation, routers
 
 @torch.no_grad()
 def evaluate(model, data, max_batches: int | None, batch_size: int, device) -> dict:
+    """loss, ppl, tokens (and maxvio) over `data.iter_eval`, summed across ranks.
+
+    A mixture (data_prep.mixture.MixedWindows) is evaluated source by source, up to max_batches each:
+    `loss/<name>` per source, and `loss` their mean weighted by the mixture's weights.
+    """
     was_training = model.training
     model.eval()
-    loss_sum = torch.zeros(2, dtype=torch.float64, device=device)  # (sum of token losses, tokens)
+    mixed = hasattr(data, "sources")
+    parts = data.sources if mixed else [data]
+    loss_sum = torch.zeros(len(parts), 2, dtype=torch.float64, device=device)  # (sum of token losses, tokens)
     rs = routers(model)
     counts = torch.zeros(len(rs), rs[0].n_experts, device=device) if rs else None
-    for x, y in data.iter_eval(batch_size, max_batches=max_batches):
-        x, y = x.to(device), y.to(device)
-        out = model(x, targets=y)
-        loss_sum += torch.tensor([out.lm_loss.item() * y.numel(), y.numel()], dtype=torch.float64, device=device)
-        if counts is not None:
-            counts += torch.stack([r.last_counts.to(device) for r in rs])
+    for k, part in enumerate(parts):
+        for x, y in part.iter_eval(batch_size, max_batches=max_batches):
+            x, y = x.to(device), y.to(device)
+            out = model(x, targets=y)
+            loss_sum[k] += torch.tensor([out.lm_loss.item() * y.numel(), y.numel()], dtype=torch.float64, device=device)
+            if counts is not None:
+                counts += torch.stack([r.last_counts.to(device) for r in rs])
     parallel.all_reduce_(loss_sum)
     model.train(was_training)
-    loss = float(loss_sum[0] / loss_sum[1]) if loss_sum[1] > 0 else float("nan")
+    losses = [float(s / n) if n > 0 else float("nan") for s, n in loss_sum.tolist()]
+    loss = sum(w * x for w, x in zip(data.weights, losses)) if mixed else losses[0]
     result = {"loss": loss, "ppl": math.exp(loss) if math.isfinite(loss) and loss < 50 else float("inf"),
-              "tokens": int(loss_sum[1])}
+              "tokens": int(loss_sum[:, 1].sum())}
+    if mixed:
+        result.update({f"loss/{name}": x for name, x in zip(data.names, losses)})
     if counts is not None:
         parallel.all_reduce_(counts)
         per_layer, mean = max_violation(counts)
