@@ -1,8 +1,12 @@
 """Training-step speed: smolds vs transformers, side by side in one process, interleaved.
 
 Rows (one training step each = forward + backward + optimizer step on the same random micro-batch):
-- `ours`            our Transformer, eager; AdamW (fused on CUDA), bf16 = autocast over fp32 weights;
+- `ours`            our Transformer, eager; AdamW (torch's fused kernel, for every row), bf16 = autocast over fp32 weights;
 - `ours-compiled`   the same with every block `torch.compile`d (--compile);
+- `ours-ckpt`       the eager row with activation checkpointing (`Transformer.set_activation_checkpointing`,
+                    --checkpointing): what the memory saving costs;
+- `ours-unfused-ce` the eager row with the loss taken as before smolds/model/loss.py, F.cross_entropy over
+                    the full fp32 logits (--unfused-ce): what the fused head + cross-entropy gains;
 - `hf-dsv3[...]`    transformers' DeepseekV3ForCausalLM with our weights (exported with `export_hf`, so the
                     routing is the same), one row per --hf-dsv3 ATTN:EXPERTS; the first is the ratios' reference;
 - `hf-llama`        transformers' LlamaForCausalLM at the dense reference config (smollm2-135m for the 135m
@@ -93,6 +97,7 @@ class Row:
     owner: str  # rows that share weights (ds-engine, ds-trainer) share an owner
     static_bytes: float = 0.0  # weights + optimizer state (+ engine buffers) held between steps
     peak_bytes: float | None = None  # static + the peak of one step above what was allocated before it
+    saved_bytes: float | None = None  # CPU: tensors saved for backward in one step (the estimate's activations)
     note: str = ""
     rates: list[float] = field(default_factory=list)  # tokens/s per round (wall clock)
     cpu_rates: list[float] = field(default_factory=list)  # tokens per second of process CPU time per round
@@ -124,15 +129,15 @@ class Bench:
         from smolds.train import param_groups
 
         groups = param_groups(params, weight_decay=0.01, ep=False)
-        return torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.95), **({"fused": True} if self.cuda else {}))
+        return torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.95), fused=True)  # as smolds/train.py
 
     # ----------------------------------------------------------------- builders
-    def add_ours(self, compiled: bool):
+    def add_ours(self, compiled: bool, variant: str = ""):
         base = self._alloc()
         torch.manual_seed(0)
-        model = Transformer(self.cfg).to(self.device).train()
+        model = Transformer(self.cfg).to(self.device).train().set_activation_checkpointing(variant == "ckpt")
         if compiled:
-            # the router's bincount has a data-dependent output size: capture it instead of breaking the graph
+            # a data-dependent output size (none in the training path today) is captured, not a graph break
             torch._dynamo.config.capture_dynamic_output_shape_ops = True
             for blk in model.layers:
                 blk.compile()  # one graph per block kind (dense, MoE), reused across layers
@@ -140,13 +145,18 @@ class Bench:
 
         def step():
             with self.autocast():
-                out = model(self.x, targets=self.y)
-            out.loss.backward()
+                if variant == "unfused-ce":  # logits first, then the loss over them
+                    out = model(self.x)
+                    loss = torch.nn.functional.cross_entropy(out.logits.float().flatten(0, 1), self.y.flatten())
+                    loss = loss if out.balance_loss is None else loss + out.balance_loss
+                else:
+                    loss = model(self.x, targets=self.y).loss
+            loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
             update_router_biases(model, self.cfg)
 
-        name = "ours-compiled" if compiled else "ours"
+        name = "ours-compiled" if compiled else f"ours-{variant}" if variant else "ours"
         self._add(Row(name, step, model.flops_per_token(self.T), name), [model], opt,
                   warmup=self.args.warmup + (3 if compiled else 0), base=base, estimate=not compiled)
 
@@ -259,10 +269,12 @@ class Bench:
             self.sync()
             row.peak_bytes = row.static_bytes + torch.cuda.max_memory_allocated() - before
         elif estimate:
-            row.static_bytes, saved = cpu_static_bytes(modules, opt), saved_activation_bytes(row.step, modules)
-            row.peak_bytes = row.static_bytes + saved
+            row.static_bytes, row.saved_bytes = cpu_static_bytes(modules, opt), saved_activation_bytes(row.step, modules)
+            row.peak_bytes = row.static_bytes + row.saved_bytes
+            row.note = "; ".join(filter(None, [row.note, f"saved for backward {row.saved_bytes / 2**20:,.1f} MiB"]))
         self.rows.append(row)
         mem = f", memory {row.peak_bytes / 2**30:.2f} GiB" if row.peak_bytes is not None else ""
+        mem += f" (saved for backward {row.saved_bytes / 2**20:,.1f} MiB)" if row.saved_bytes is not None else ""
         print(f"built {row.name}: {warmup} warm-up steps in {t_warm:.1f} s{mem}", file=sys.stderr, flush=True)
 
     def attempt(self, name: str, build, *args):
@@ -284,6 +296,10 @@ class Bench:
         self.attempt("ours", self.add_ours, False)
         if a.compile:
             self.attempt("ours-compiled", self.add_ours, True)
+        if a.checkpointing:
+            self.attempt("ours-ckpt", self.add_ours, False, "ckpt")
+        if a.unfused_ce:
+            self.attempt("ours-unfused-ce", self.add_ours, False, "unfused-ce")
         for spec in filter(None, a.hf_dsv3.split(",")):
             attn, _, experts = spec.partition(":")
             self.attempt(f"hf-dsv3[{spec}]", self.add_hf, "deepseek_v3", attn, experts or "eager")
@@ -326,7 +342,9 @@ def cpu_static_bytes(modules, opt) -> float:
 
 
 def saved_activation_bytes(step, modules) -> float:
-    """Bytes of the unique non-parameter storages autograd saves for backward during one step."""
+    """Bytes of the unique non-parameter storages autograd saves for backward during one step; with
+    activation checkpointing, what is saved outside the checkpointed blocks plus the inputs they keep for
+    their recompute (inside them, torch.utils.checkpoint's own hooks replace ours)."""
     params = {p.untyped_storage().data_ptr() for m in modules for p in m.parameters()}
     seen = {}
 
@@ -336,8 +354,15 @@ def saved_activation_bytes(step, modules) -> float:
             seen[s.data_ptr()] = s.nbytes()
         return t
 
+    def keep_input(module, args):
+        pack(args[0])
+
+    hooks = [b.register_forward_pre_hook(keep_input) for m in modules for b in m.modules()
+             if getattr(b, "activation_checkpointing", False)]
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         step()
+    for h in hooks:
+        h.remove()
     return float(sum(seen.values()))
 
 
@@ -390,7 +415,8 @@ def report(bench: Bench) -> dict:
                      f"{f'{mfu:.1%}' if mfu is not None else '-'} | {r.note} |")
         result["rows"][r.name] = {"tok_s": med, "rates": r.rates, "ms_per_step": ms, "x_hf_dsv3": vs_ref,
                                   "x_ours": vs_ours, "tok_per_cpu_s": cpu, "cpu_rates": r.cpu_rates, "mem_gib": mem, "mfu": mfu,
-                                  "flops_per_token": r.flops_per_token, "note": r.note}
+                                  "flops_per_token": r.flops_per_token, "note": r.note,
+                                  "saved_for_backward_mib": r.saved_bytes / 2**20 if r.saved_bytes is not None else None}
     for name, msg in bench.failed:
         lines.append(f"| {name} | failed | | | | | | | | | {msg} |")
     result["failed"] = dict(bench.failed)
@@ -409,6 +435,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=3, help="rounds (rows interleaved within each)")
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="add a row with every block torch.compile'd")
+    p.add_argument("--checkpointing", action="store_true", help="add a row with activation checkpointing")
+    p.add_argument("--unfused-ce", action="store_true",
+                   help="add a row whose loss is F.cross_entropy over the full logits (the pre-loss.py way)")
     p.add_argument("--hf-dsv3", default="sdpa:eager",
                    help="transformers DeepseekV3 rows as ATTN:EXPERTS (attn_implementation, experts_implementation), "
                         "comma-separated, e.g. eager:eager,sdpa:grouped_mm; the first is the ratios' reference")

@@ -19,7 +19,9 @@ DEFAULT_DATA_DIR = "data/pydoc-bpe4096"  # where the embedded default corpus is 
 
 @dataclass
 class DataConfig:
-    dir: str = DEFAULT_DATA_DIR  # shards from `smolds prep`; the default dir is prepared on first use
+    # shards from `smolds prep` (the default dir is prepared on first use), or a weighted mixture of such
+    # dirs, {path: weight, ...} (data_prep.mixture; weights are normalized to sum 1)
+    dir: str | dict[str, float] = DEFAULT_DATA_DIR
 
 
 @dataclass
@@ -49,6 +51,8 @@ class TrainConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
+    # recompute each block in backward instead of keeping its activations (memory for ~1/3 more compute)
+    activation_checkpointing: bool = False
     init_from: str | None = None  # fresh start from these weights (consolidated/training checkpoint or run dir)
 
 
@@ -97,6 +101,8 @@ class RunConfig(YamlDataclass):
                      "checkpoint_every", "keep_checkpoints", "eval_batches", "max_nonfinite_steps"):
             if not isinstance(getattr(t, name), int) or getattr(t, name) <= 0:
                 raise ConfigError(f"train.{name}: must be a positive integer, got {getattr(t, name)!r}")
+        if not isinstance(t.activation_checkpointing, bool):
+            raise ConfigError(f"train.activation_checkpointing: must be true or false, got {t.activation_checkpointing!r}")
         if t.schedule not in ("wsd", "cosine"):
             raise ConfigError(f"train.schedule: unknown {t.schedule!r}; allowed: wsd, cosine")
         if t.device not in ("auto", "cpu", "cuda"):
@@ -109,6 +115,14 @@ class RunConfig(YamlDataclass):
             raise ConfigError(f"deepspeed.zero_stage: must be 0, 1, 2 or 3, got {d.zero_stage!r}")
         if not isinstance(d.ep_size, int) or d.ep_size <= 0:
             raise ConfigError(f"deepspeed.ep_size: must be a positive integer, got {d.ep_size!r}")
+        if isinstance(self.data.dir, dict):
+            from data_prep.errors import DataError
+            from data_prep.mixture import normalized_weights
+
+            try:
+                normalized_weights(self.data.dir)
+            except DataError as e:
+                raise ConfigError(f"data.dir: {e}") from None
         if self.logging.wandb not in ("offline", "online", "disabled"):
             raise ConfigError(f"logging.wandb: unknown {self.logging.wandb!r}; allowed: offline, online, disabled")
 

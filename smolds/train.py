@@ -53,30 +53,42 @@ class TrainError(RuntimeError):
 
 # ------------------------------------------------------------------------------------------- setup
 def load_data(cfg: RunConfig, model_cfg: ModelConfig, env: parallel.Env):
+    """(train, val) readers: TokenWindows of one dir, or MixedWindows of a {dir: weight} mixture."""
     from data_prep import TokenWindows, prepare_default
+    from data_prep.mixture import MixedWindows
 
-    data_dir = Path(cfg.data.dir)
-    if not (data_dir / "manifest.json").is_file():
-        if cfg.data.dir != DEFAULT_DATA_DIR:
-            raise TrainError(f"data.dir {data_dir} holds no shards (no manifest.json); "
-                             f"run `smolds prep SOURCES --out {data_dir}` first")
-        failed = None
-        if env.is_main:
-            try:
-                prepare_default(data_dir)
-            except Exception as e:  # tell the other ranks instead of leaving them waiting in a collective
-                failed = e
-        if parallel.any_rank(failed is not None, env.device) and failed is None:
-            raise TrainError(f"rank 0 could not prepare the default corpus in {data_dir}; see rank 0's error")
-        if failed is not None:
-            raise failed
     common = dict(seq_len=cfg.train.seq_len, seed=cfg.train.seed, dp_rank=env.rank, dp_size=env.world)
-    train = TokenWindows(data_dir, split="train", **common)
-    val = TokenWindows(data_dir, split="val", **common)
+    if isinstance(cfg.data.dir, dict):  # a mixture: every dir is prepared beforehand
+        for d in map(Path, cfg.data.dir):
+            if not (d / "manifest.json").is_file():
+                raise TrainError(_no_shards(d))
+        train = MixedWindows(cfg.data.dir, split="train", **common)
+        val = MixedWindows(cfg.data.dir, split="val", **common)
+    else:
+        data_dir = Path(cfg.data.dir)
+        if not (data_dir / "manifest.json").is_file():
+            if cfg.data.dir != DEFAULT_DATA_DIR:
+                raise TrainError(_no_shards(data_dir))
+            failed = None
+            if env.is_main:
+                try:
+                    prepare_default(data_dir)
+                except Exception as e:  # tell the other ranks instead of leaving them waiting in a collective
+                    failed = e
+            if parallel.any_rank(failed is not None, env.device) and failed is None:
+                raise TrainError(f"rank 0 could not prepare the default corpus in {data_dir}; see rank 0's error")
+            if failed is not None:
+                raise failed
+        train = TokenWindows(data_dir, split="train", **common)
+        val = TokenWindows(data_dir, split="val", **common)
     if train.vocab_size > model_cfg.vocab_size:
         raise TrainError(f"the data's tokenizer has {train.vocab_size} tokens but model.vocab_size is "
                          f"{model_cfg.vocab_size}; set --model.vocab_size {train.vocab_size} or re-prepare the data")
     return train, val
+
+
+def _no_shards(data_dir: Path) -> str:
+    return f"data.dir {data_dir} holds no shards (no manifest.json); run `smolds prep SOURCES --out {data_dir}` first"
 
 
 def check_batch(cfg: RunConfig, env: parallel.Env, model_cfg: ModelConfig):
@@ -156,7 +168,7 @@ def _deepspeed_moe_marker(ep_size: int) -> nn.Module:
 
 def build_model(cfg: RunConfig, model_cfg: ModelConfig, env: parallel.Env):
     torch.manual_seed(cfg.train.seed)  # identical init on every rank (also for the sliced experts)
-    model = Transformer(model_cfg)
+    model = Transformer(model_cfg).set_activation_checkpointing(cfg.train.activation_checkpointing)
     if cfg.train.init_from:  # whole weights (and router biases) on every rank, before any sharding
         load_weights(model, cfg.train.init_from)
     ep_group = None
@@ -212,7 +224,7 @@ def deepspeed_config(cfg: RunConfig, env: parallel.Env, bf16: bool) -> dict:
         "gradient_clipping": t.grad_clip,
         "optimizer": {"type": "AdamW", "params": {"lr": t.lr, "betas": [t.beta1, t.beta2], "eps": t.eps,
                                                   "weight_decay": t.weight_decay, "torch_adam": True,
-                                                  **({"fused": True} if env.device.type == "cuda" else {})}},
+                                                  "fused": True}},  # torch's fused kernel, CUDA and CPU
         "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
         "bf16": {"enabled": bf16},
         "zero_allow_untested_optimizer": True,
@@ -406,8 +418,9 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
                 samples = greedy_samples(model, train_data.tokenizer_path, cfg.eval.prompts, cfg.eval.sample_tokens)
                 log.log(step + 1, {"samples": samples}, kind="samples")
                 summary["samples"] = samples
-            log.log_text(f"step {step + 1}: val loss {ev['loss']:.4f}, ppl {ev['ppl']:.2f}"
-                         + (f", MaxVio {ev['maxvio']:.3f}" if "maxvio" in ev else ""))
+            per_source = ", ".join(f"{k[5:]} {v:.4f}" for k, v in ev.items() if k.startswith("loss/"))
+            log.log_text(f"step {step + 1}: val loss {ev['loss']:.4f}" + (f" ({per_source})" if per_source else "")
+                         + f", ppl {ev['ppl']:.2f}" + (f", MaxVio {ev['maxvio']:.3f}" if "maxvio" in ev else ""))
             log.draw_curves(step + 1)
         if (step + 1) % t.checkpoint_every == 0 or step + 1 == t.steps:
             last_saved = save(step + 1)

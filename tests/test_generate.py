@@ -16,6 +16,7 @@ from smolds.generate import (
     generate,
     generate_ids,
     generate_ids_uncached,
+    generate_tokens,
     sample_next,
     stream,
     top_k_mask,
@@ -104,6 +105,88 @@ def test_eos_stops_a_row_and_is_not_returned():
     stopped = generate_ids(model, PROMPTS[:2], 8, temperature=0, eos_token_ids=[eos])
     assert stopped[0] == free[0][: free[0].index(eos)]
     assert eos not in stopped[1] and stopped[1] == free[1][: len(stopped[1])]
+
+
+# ------------------------------------------------------------------------ static-shape and compiled decode
+def _prefilled(model, prompts, steps):
+    """A left-padded batch prefilled into a fresh cache with room for `steps` more tokens."""
+    T = max(map(len, prompts))
+    ids = torch.zeros(len(prompts), T, dtype=torch.long)
+    pad = torch.zeros(len(prompts), T, dtype=torch.bool)
+    for i, p in enumerate(prompts):
+        ids[i, T - len(p):], pad[i, T - len(p):] = torch.tensor(p), True
+    cache = model.new_cache(len(prompts), T + steps + 5)  # unwritten slots at the end: masked
+    return model(ids, cache=cache, pad_mask=pad, last_only=True).logits[:, -1], cache
+
+
+@pytest.mark.parametrize("kind", sorted(KINDS))
+def test_static_decode_equals_cached_and_uncached(kind):
+    """Padded prompts (PROMPTS differ in length); the second call reuses and resets the kept cache."""
+    model = tiny_model(KINDS[kind])
+    cached = generate_ids(model, PROMPTS, 12, temperature=0)
+    assert generate_ids(model, PROMPTS, 12, temperature=0, static=True) == cached
+    assert generate_ids(model, PROMPTS, 12, temperature=0, static=True) == cached
+    assert generate_ids(model, PROMPTS[1:2], 12, temperature=0, static=True) == cached[1:2]
+    assert cached == generate_ids_uncached(model, PROMPTS, 12, temperature=0)
+
+
+@pytest.mark.parametrize("kind", ["mla", "gqa", "linear+mla"])
+def test_decode_step_logits_equal_the_cached_forward(kind):
+    """Every step's logits, not only the argmax: decode_step over the whole preallocated cache (validity
+    mask, write slot in a tensor) against the eager cached forward over the filled slots."""
+    model = tiny_model(KINDS[kind])
+    with torch.no_grad():
+        first_a, eager = _prefilled(model, PROMPTS, 6)
+        first_b, static = _prefilled(model, PROMPTS, 6)
+        torch.testing.assert_close(first_a, first_b, atol=0, rtol=0)
+        for t in range(6):
+            tokens = torch.tensor([[7 + t], [100 + t], [3 * t]])
+            a = model(tokens, cache=eager, last_only=True).logits[:, -1]
+            b = model.decode_step(tokens, static)
+            static.length += 1
+            torch.testing.assert_close(b, a, atol=1e-5, rtol=1e-5)
+        assert static.length == eager.length and int(static.slot) == eager.length
+        assert torch.equal(static.valid, eager.valid) and torch.equal(static.next_pos, eager.next_pos)
+
+
+def test_decode_step_traces_as_one_graph_with_the_compiled_moe_forms(monkeypatch):
+    """torch.compile's tracer (backend "eager": no code generation, fast) takes the whole step without a
+    graph break, for every attention kind, and the MoE forms it selects when compiling (gathered experts at
+    N*K <= E, the opaque loop op above) give the eager path's tokens."""
+    import smolds.generate as gen
+
+    model = tiny_model(["mla", "linear", "gqa"], num_hidden_layers=3)
+    expected = generate_ids(model, PROMPTS, 8, temperature=0)
+    step = torch.compile(type(model).decode_step, backend="eager", fullgraph=True, dynamic=False)
+    monkeypatch.setattr(gen, "_compiled_decode_step", lambda cls, mode: step)
+    assert generate_ids(model, PROMPTS, 8, temperature=0, compile=True) == expected  # N*K = 6 > E = 4
+    assert generate_ids(model, PROMPTS[:1], 8, temperature=0, compile=True) == expected[:1]  # N*K = 2
+
+
+@pytest.mark.slow
+def test_compiled_decode_equals_eager():
+    """The real thing, once (inductor, ~15 s cold): one MoE layer, a padded batch of three."""
+    model = tiny_model(["mla"], num_hidden_layers=1, first_k_dense_replace=0)
+    expected = generate_ids(model, PROMPTS, 6, temperature=0)
+    assert generate_ids(model, PROMPTS, 6, temperature=0, compile=True) == expected
+
+
+def test_static_cache_lengths_and_reuse():
+    from smolds.generate import static_cache, static_cache_length
+
+    assert [static_cache_length(n, 8192) for n in (1, 64, 65, 639, 5000)] == [64, 64, 128, 1024, 8192]
+    assert static_cache_length(100, 96) == 96
+    model = tiny_model(["mla"])
+    a = static_cache(model, 2, 20, None)
+    a.length, a.padded = 5, True
+    a.valid.fill_(True)
+    b = static_cache(model, 2, 30, None)
+    assert b is a and b.length == 0 and not b.padded and not b.valid.any()  # same shape: reused, emptied
+    assert static_cache(model, 3, 30, None) is not a
+    steps = generate_tokens(model, PROMPTS[:2], 6, temperature=0, static=True)  # holds the (2, 64) cache
+    first = next(steps)
+    inner = generate_ids(model, PROMPTS[:2], 6, temperature=0, static=True)  # must not reset it mid-generation
+    assert [first] + list(steps) == [list(t) for t in zip(*inner)]
 
 
 # ----------------------------------------------------------------------------------------------- sampling

@@ -56,6 +56,57 @@ def test_experts_under_autocast_run_in_its_dtype_on_both_paths(monkeypatch):
     torch.testing.assert_close(outs[0][1], outs[1][1], rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("form", ["loop", "gathered", "dense"])
+@pytest.mark.parametrize("n_tokens", [1, 3, 8])  # N*K = 2, 6 (<= E = 8) and 16 (> E)
+def test_decode_forms_equal_reference(form, n_tokens):
+    """Each few-token form of `MoE.dispatch_decode` (plus the shared expert) equals the naive loop."""
+    m = _moe(cfg()).eval()
+    m.gate.e_score_correction_bias.copy_(torch.randn(8) * 0.1)
+    x = torch.randn(1, n_tokens, 32)
+    with torch.no_grad():
+        flat = x.view(-1, 32)
+        topk_idx, topk_weight, _ = m.gate(flat)
+        e = m.experts
+        routed = getattr(moe_module, f"experts_{form}")(flat, topk_idx, topk_weight, e.gate_proj, e.up_proj,
+                                                        e.down_proj)
+        torch.testing.assert_close((routed + m.shared_experts(flat)).view_as(x), naive_moe_reference(m, x),
+                                   rtol=1e-5, atol=1e-5)
+
+
+def test_decode_forms_under_autocast_run_in_its_dtype():
+    m = _moe(cfg()).eval()
+    x = torch.randn(5, 32)
+    with torch.no_grad():
+        topk_idx, topk_weight, _ = m.gate(x)
+        e = m.experts
+        ref = moe_module.experts_gathered(x, topk_idx, topk_weight, e.gate_proj, e.up_proj, e.down_proj)
+        for fn in (moe_module.experts_loop, moe_module.experts_dense):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                y = fn(x, topk_idx, topk_weight, e.gate_proj, e.up_proj, e.down_proj)
+            assert y.dtype == x.dtype
+            torch.testing.assert_close(y, ref, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("n_tokens", [1, 8])
+def test_moe_without_grad_takes_the_decode_path_eager_and_traced(n_tokens, monkeypatch):
+    """Few tokens without grad never reach the sort/grouped dispatch; traced by torch.compile (backend
+    "eager": fast) the step has no graph break and picks the gathered form or the opaque loop op."""
+    m = _moe(cfg()).eval()
+    x = torch.randn(1, n_tokens, 32)
+    ref = naive_moe_reference(m, x)
+
+    def refuse(*args):
+        raise AssertionError("the training dispatch ran")
+
+    monkeypatch.setattr(m, "dispatch_local", refuse)
+    with torch.no_grad():
+        torch.testing.assert_close(m(x)[0], ref, rtol=1e-5, atol=1e-5)
+        traced = torch.compile(m, backend="eager", fullgraph=True, dynamic=False)
+        torch.testing.assert_close(traced(x)[0], ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(AssertionError, match="training dispatch"):
+        m(x)  # with grad: the training path
+
+
 def test_gate_weights_are_unbiased_normalized_affinities():
     c = cfg(n_group=1, topk_group=1)
     r = Router(c)

@@ -7,7 +7,10 @@ The Transformer builds one `AttnContext` per forward and hands it to every layer
 - `mask` [B, 1, T, S] bool (True = may attend) or None, meaning plain causal attention over the new
   tokens alone (training: no cache, no padding; SDPA's `is_causal` fast path);
 - `start`: the cache slot of the first new token (0 when there is no cache or it is empty);
-- `valid` [B, T] bool or None: False at left-padding tokens (linear attention zeroes their keys/values).
+- `valid` [B, T] bool or None: False at left-padding tokens (linear attention zeroes their keys/values);
+- `slot` [1] long or None: static-shape decoding (`Transformer.decode_step`, one new token per row): the
+  cache slot to write, held in a tensor so that one compiled graph serves every step; attention then runs
+  over every slot of the preallocated cache, and `mask` [B, 1, 1, S] marks the slots written so far.
 Rotary tables are computed once per (dim, theta) per forward and shared by all layers.
 """
 
@@ -26,6 +29,7 @@ class AttnContext:
     mask: torch.Tensor | None = None
     start: int = 0
     valid: torch.Tensor | None = None
+    slot: torch.Tensor | None = None
     _rope: dict = field(default_factory=dict)
 
     def rope(self, dim: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,13 +37,6 @@ class AttnContext:
         if key not in self._rope:
             self._rope[key] = rope_cos_sin(self.positions, dim, theta)
         return self._rope[key]
-
-
-def additive_mask(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
-    """Bool mask (True = attend) -> additive float mask for explicit softmax attention."""
-    if mask is None:
-        return None
-    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
 
 
 def causal_mask(T: int, device=None) -> torch.Tensor:

@@ -27,6 +27,15 @@ class KVCache:
         self.v[:, :, start:end] = v
         return self.k[:, :, :end], self.v[:, :, :end]
 
+    def write_at(self, slot: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Static-shape decode: write one token at slot [1] (a tensor) and return the whole buffers."""
+        self.k.index_copy_(2, slot, k)
+        self.v.index_copy_(2, slot, v)
+        return self.k, self.v
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.k, self.v]
+
     def bytes_per_token(self) -> int:
         return 2 * self.k.shape[1] * self.k.shape[-1] * self.k.element_size()
 
@@ -52,12 +61,16 @@ class GQA(nn.Module):
         v = self.v_proj(x).view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
         cos, sin = ctx.rope(self.head_dim, self.rope_theta)
         q, k = apply_rope(q, cos, sin, self.rope_interleave), apply_rope(k, cos, sin, self.rope_interleave)
-        if cache is not None:
+        if ctx.slot is not None:  # static-shape decode: the whole preallocated cache, unwritten slots masked
+            k, v = cache.write_at(ctx.slot, k, v)
+        elif cache is not None:
             k, v = cache.write(ctx.start, k, v)
         rep = self.n_heads // self.n_kv_heads
         k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # [B,H,S,d]
         if ctx.mask is None and (cache is None or ctx.start == 0):
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        elif ctx.mask is None and T == 1:  # one new token sees every cached slot
+            out = F.scaled_dot_product_attention(q, k, v)
         elif ctx.mask is None:  # cached decode without padding: every cached slot is visible
             S = k.shape[2]
             mask = torch.ones(T, S, dtype=torch.bool, device=x.device).tril(S - T)

@@ -123,7 +123,7 @@ def linear_attention_chunked(q, k, v, log_decay, scale: float, chunk_size: int, 
 
 @functools.cache
 def _fla_ops():
-    """flash-linear-attention's simple-GLA kernels (Triton, CUDA only), or None when not installed."""
+    """flash-linear-attention's simple-GLA kernels (Triton), or None when not installed."""
     try:
         from fla.ops.simple_gla import chunk_simple_gla, fused_recurrent_simple_gla
     except ImportError:
@@ -131,12 +131,17 @@ def _fla_ops():
     return chunk_simple_gla, fused_recurrent_simple_gla
 
 
-def linear_attention(q, k, v, log_decay, scale: float, chunk_size: int, state: torch.Tensor | None = None):
+def linear_attention(q, k, v, log_decay, scale: float, chunk_size: int, state: torch.Tensor | None = None,
+                     use_fla: bool | None = None):
     """Dispatch: fla's kernels on CUDA when installed, else the recurrence for one token, else chunked.
-    Shapes and result as `linear_attention_chunked` (fp32 in, fp32 out)."""
-    fla = _fla_ops() if q.is_cuda else None
-    if fla is not None:
-        chunk_simple_gla, fused_recurrent_simple_gla = fla
+    Shapes and result as `linear_attention_chunked` (fp32 in, fp32 out). use_fla None decides as above; True
+    forces fla's kernels on any device (the tests run them on CPU under Triton's interpreter), False PyTorch."""
+    if use_fla is None:
+        use_fla = q.is_cuda and _fla_ops() is not None
+    if use_fla:
+        if _fla_ops() is None:
+            raise ImportError("use_fla=True needs flash-linear-attention: pip install fla-core")
+        chunk_simple_gla, fused_recurrent_simple_gla = _fla_ops()
         kernel = fused_recurrent_simple_gla if q.shape[2] == 1 else chunk_simple_gla
         o, state = kernel(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), g=log_decay.transpose(1, 2),
                           scale=scale, initial_state=state, output_final_state=True)  # fla is [B,T,H,*]
@@ -158,6 +163,9 @@ class LinearAttentionCache:
 
     def __init__(self, batch: int, n_heads: int, k_dim: int, v_dim: int, device):
         self.state = torch.zeros(batch, n_heads, k_dim, v_dim, device=device, dtype=torch.float32)  # [B,H,K,V]
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.state]
 
     def bytes_per_token(self) -> int:
         return 0
@@ -230,7 +238,8 @@ class LinearAttention(nn.Module):
         if cache is None:
             o, _ = linear_attention(q, k, v, log_decay, self.scale, self.chunk_size)
         else:
-            state = None if ctx.start == 0 else cache.state  # prefill starts from an empty state
+            prefill = ctx.start == 0 and ctx.slot is None
+            state = None if prefill else cache.state  # prefill starts from an empty state
             o, state = linear_attention(q, k, v, log_decay, self.scale, self.chunk_size, state)
             cache.state.copy_(state)
         return self.output(o, x)

@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from smolds.config import ModelConfig
-from smolds.model.attention import AttnContext, additive_mask
+from smolds.model.attention import AttnContext
 from smolds.model.layers import RMSNorm
 from smolds.model.rope import apply_rope
 
@@ -43,6 +43,15 @@ class MLACache:
         self.c_kv[:, start:end] = c_kv
         self.k_rope[:, start:end] = k_rope
         return self.c_kv[:, :end], self.k_rope[:, :end]
+
+    def write_at(self, slot: torch.Tensor, c_kv: torch.Tensor, k_rope: torch.Tensor):
+        """Static-shape decode: write one token at slot [1] (a tensor) and return the whole buffers."""
+        self.c_kv.index_copy_(1, slot, c_kv)
+        self.k_rope.index_copy_(1, slot, k_rope)
+        return self.c_kv, self.k_rope
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.c_kv, self.k_rope]
 
     def bytes_per_token(self) -> int:
         return (self.c_kv.shape[-1] + self.k_rope.shape[-1]) * self.c_kv.element_size()
@@ -118,10 +127,10 @@ class MLA(nn.Module):
         q_latent = torch.einsum("bhtn,hnc->bhtc", q_nope, w_uk)  # [B,H,T,C]
         scores = torch.einsum("bhtc,bsc->bhts", q_latent, c_kv) + torch.einsum("bhtr,bsr->bhts", q_rope, k_rope)
         scores = scores.float() * self.scale
+        T, S = scores.shape[-2:]
         if mask is not None:
-            scores = scores + additive_mask(mask, scores.dtype)
-        else:
-            T, S = scores.shape[-2:]
+            scores = scores.masked_fill(~mask, float("-inf"))
+        elif T > 1:  # one new token sees every cached slot: no mask
             scores = scores.masked_fill(~torch.ones(T, S, dtype=torch.bool, device=scores.device).tril(S - T), float("-inf"))
         probs = scores.softmax(dim=-1).to(c_kv.dtype)
         o_latent = torch.einsum("bhts,bsc->bhtc", probs, c_kv)  # [B,H,T,C]
@@ -132,6 +141,8 @@ class MLA(nn.Module):
         q_nope, q_rope, c_kv, k_rope = self.project(x, ctx)
         if cache is None:
             out = self.expanded(q_nope, q_rope, c_kv, k_rope, ctx.mask)
+        elif ctx.slot is not None:  # static-shape decode: the whole preallocated cache, unwritten slots masked
+            out = self.absorbed(q_nope, q_rope, *cache.write_at(ctx.slot, c_kv, k_rope), ctx.mask)
         else:
             c_all, k_rope_all = cache.write(ctx.start, c_kv, k_rope)
             if ctx.start == 0:  # prefill: nothing cached before these tokens, the fused path is cheaper

@@ -24,6 +24,8 @@ masks and is the reference the tests hold the fast path to.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -52,6 +54,10 @@ class Router(nn.Module):
         # (sum over training tokens of the entropy of their normalized affinities, tokens); read and zeroed by
         # smolds.monitor.RoutingMonitor.update after every optimizer step (not saved).
         self.register_buffer("entropy_sum", torch.zeros(2), persistent=False)
+        # Activation checkpointing (`checkpoint_contexts`): the forward records its expert choice here and the
+        # recompute in backward replays it, neither re-choosing nor counting the tokens a second time.
+        self.record_to: dict | None = None
+        self.replay_from: dict | None = None
 
     def _apply(self, fn, recurse=True):
         # Module.to(bfloat16) would round the bias to 8 bits of mantissa and swallow u=1e-3 updates:
@@ -66,19 +72,18 @@ class Router(nn.Module):
         """x [N, D] -> (topk_idx [N, K] long, topk_weight [N, K] fp32, scores [N, E] fp32)."""
         with torch.autocast(x.device.type, enabled=False):  # router math in fp32 even under autocast
             scores = F.linear(x.float(), self.weight.float()).sigmoid()  # [N, E] affinities
-        choice = scores.detach() + self.e_score_correction_bias  # biased, only for selection
-        if self.n_group > 1:
-            N = x.shape[0]
-            grouped = choice.view(N, self.n_group, -1)  # [N, G, E/G]
-            group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # [N, G]
-            keep = group_scores.topk(self.topk_group, dim=-1).indices
-            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
-            choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view(N, -1)
-        topk_idx = choice.topk(self.top_k, dim=-1).indices  # [N, K]
+        if self.replay_from is not None:  # recompute of a checkpointed block: the forward's choice, counted once
+            topk_idx = self.replay_from[self]
+        else:
+            topk_idx = self.choose(scores)
         topk_weight = scores.gather(1, topk_idx)  # unbiased affinities carry the gradient
         if self.norm_topk_prob:
             topk_weight = topk_weight / (topk_weight.sum(-1, keepdim=True) + 1e-20)
         topk_weight = topk_weight * self.scaling
+        if self.replay_from is not None:
+            return topk_idx, topk_weight, scores
+        if self.record_to is not None:
+            self.record_to[self] = topk_idx
         with torch.no_grad():  # counts per layer per forward; index_add_ (not bincount): no host sync
             flat = topk_idx.flatten()
             self.last_counts = torch.zeros(self.n_experts, device=x.device).index_add_(
@@ -89,6 +94,18 @@ class Router(nn.Module):
                 self.entropy_sum[0] += -torch.xlogy(p, p).sum()
                 self.entropy_sum[1] += x.shape[0]
         return topk_idx, topk_weight, scores
+
+    def choose(self, scores: torch.Tensor) -> torch.Tensor:
+        """Top-k of the biased affinities [N, E] within the topk_group best groups -> expert ids [N, K]."""
+        choice = scores.detach() + self.e_score_correction_bias  # biased, only for selection
+        if self.n_group > 1:
+            N = scores.shape[0]
+            grouped = choice.view(N, self.n_group, -1)  # [N, G, E/G]
+            group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # [N, G]
+            keep = group_scores.topk(self.topk_group, dim=-1).indices
+            group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(1, keep, True)
+            choice = grouped.masked_fill(~group_mask[..., None], float("-inf")).view(N, -1)
+        return choice.topk(self.top_k, dim=-1).indices  # [N, K]
 
     @torch.no_grad()
     def update_bias(self, counts: torch.Tensor, rate: float, center: bool = False):
@@ -175,6 +192,85 @@ def _grouped_mm_ok(x: torch.Tensor, hidden: int) -> bool:
     return aligned and x.device.type == "cpu" and _CPU_GROUPED_MM and x.dtype in (torch.float32, torch.bfloat16)
 
 
+# ------------------------------------------------------------------------------------ decoding: few tokens
+# A decode step routes B tokens (B = batch), far fewer than the sort/grouped-GEMM dispatch is built for: its
+# sort, scatter and per-group launches (grouped_mm's CPU kernel calls a matmul for every expert, empty or not)
+# cost more than the experts' products. `MoE.dispatch_decode` takes forwards of at most DECODE_MAX_TOKENS
+# tokens without grad and picks one of the three forms below; each equals `naive_moe_reference`
+# (tests/test_moe.py).
+DECODE_MAX_TOKENS = 64
+
+
+def _expert_dtype(x: torch.Tensor) -> torch.dtype:
+    """Autocast's dtype under autocast (as the experts' matmuls would run), else x's."""
+    dev = x.device.type
+    return torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else x.dtype
+
+
+def experts_loop(x, topk_idx, topk_weight, w1, w3, w2) -> torch.Tensor:
+    """One SwiGLU per expert that has tokens, on its tokens only, with the expert ids read on the host (free
+    on CPU, a sync on CUDA: CPU only). x [N, D], topk_idx and topk_weight [N, K], w1/w3 [E, I, D],
+    w2 [E, D, I] -> [N, D]."""
+    N, K = topk_idx.shape
+    dtype = _expert_dtype(x)
+    xe = x.to(dtype)
+    if N == 1:  # one token: its K experts in turn, nothing to sort or scatter
+        y = torch.zeros_like(x)
+        for k, e in enumerate(topk_idx[0].tolist()):
+            h = F.silu(F.linear(xe, w1[e].to(dtype))) * F.linear(xe, w3[e].to(dtype))  # [1, I]
+            y += (F.linear(h, w2[e].to(dtype)) * topk_weight[:, k, None].to(dtype)).to(x.dtype)
+        return y
+    flat = topk_idx.flatten()
+    order = flat.argsort(stable=True)  # [N*K] pairs by expert
+    token_of = order // K
+    counts = torch.bincount(flat, minlength=w1.shape[0]).tolist()
+    outs = []
+    for e, xs in enumerate(xe[token_of].split(counts)):
+        if counts[e]:
+            h = F.silu(F.linear(xs, w1[e].to(dtype))) * F.linear(xs, w3[e].to(dtype))
+            outs.append(F.linear(h, w2[e].to(dtype)))
+    out = torch.cat(outs) * topk_weight.flatten()[order, None].to(dtype)  # [N*K, D]
+    return torch.zeros_like(x).index_add_(0, token_of, out.to(x.dtype))
+
+
+@torch.library.custom_op("smolds::experts_loop", mutates_args=())
+def _experts_loop_op(x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor, w1: torch.Tensor,
+                     w3: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+    """`experts_loop` as one opaque op, so that a compiled decode step keeps it in its graph (no break)."""
+    return experts_loop(x, topk_idx, topk_weight, w1, w3, w2)
+
+
+@_experts_loop_op.register_fake
+def _(x, topk_idx, topk_weight, w1, w3, w2):
+    return torch.empty_like(x)
+
+
+def experts_gathered(x, topk_idx, topk_weight, w1, w3, w2) -> torch.Tensor:
+    """Each token's K experts by indexing the stacked weights with the expert ids: static shapes, no host
+    sync (CUDA graphs). Written as products summed over the input width (in fp32), which torch.compile fuses
+    into one pass over the chosen experts' weights; run eagerly, the indexing copies them. For N*K <= E,
+    where it reads no more weights than grouped_mm. Shapes as `experts_loop`."""
+    xf = x.float()[:, None, None, :]  # [N, 1, 1, D]
+    g = (w1[topk_idx].float() * xf).sum(-1)  # [N, K, I]
+    u = (w3[topk_idx].float() * xf).sum(-1)
+    h = (F.silu(g) * u)[:, :, None, :]  # [N, K, 1, I]
+    o = (w2[topk_idx].float() * h).sum(-1)  # [N, K, D]
+    return (o * topk_weight[..., None].float()).sum(1).to(x.dtype)
+
+
+def experts_dense(x, topk_idx, topk_weight, w1, w3, w2) -> torch.Tensor:
+    """Every expert on every token, combined through a dense [N, E] gate that is zero off the top-k: reads
+    each expert's weights once, as grouped_mm does, with static shapes, no sort, no scatter and no host sync.
+    For N*K > E on a GPU, where the extra products of a few tokens cost nothing next to reading the weights.
+    (An unchosen expert's output is multiplied by 0, so it must be finite.) Shapes as `experts_loop`."""
+    dtype = _expert_dtype(x)
+    gate = torch.zeros(x.shape[0], w1.shape[0], device=x.device).scatter(1, topk_idx, topk_weight.float())
+    xe = x.to(dtype)
+    h = F.silu(xe @ w1.to(dtype).transpose(1, 2)) * (xe @ w3.to(dtype).transpose(1, 2))  # [E, N, I]
+    o = h @ w2.to(dtype).transpose(1, 2)  # [E, N, D]
+    return torch.einsum("end,ne->nd", o.float(), gate).to(x.dtype)
+
+
 class MoE(nn.Module):
     """Shared experts + routed experts behind the router; returns (output, balance loss or None).
 
@@ -197,7 +293,9 @@ class MoE(nn.Module):
         B, T, D = x.shape
         flat = x.reshape(-1, D)
         topk_idx, topk_weight, scores = self.gate(flat)
-        if self.ep_group is None:
+        if self.ep_group is None and flat.shape[0] <= DECODE_MAX_TOKENS and not torch.is_grad_enabled():
+            y = self.dispatch_decode(flat, topk_idx, topk_weight)
+        elif self.ep_group is None:
             y = self.dispatch_local(flat, topk_idx, topk_weight)
         else:
             from smolds.model.expert_parallel import dispatch_expert_parallel
@@ -218,6 +316,19 @@ class MoE(nn.Module):
         out = self.experts(x[token_of], counts)  # [N*K, D]
         out = out * topk_weight.flatten()[order, None].to(out.dtype)
         return torch.zeros_like(x).index_add_(0, token_of, out.to(x.dtype))
+
+    def dispatch_decode(self, x, topk_idx, topk_weight):
+        """A few tokens without grad (decoding): on CPU the host-synced loop over the chosen experts, or under
+        torch.compile, for N*K <= E, the gathered form that the compiler fuses; on a GPU (no host sync, CUDA
+        graphs) the gathered form for N*K <= E, otherwise every expert on every token."""
+        w = self.experts
+        args = (x, topk_idx, topk_weight, w.gate_proj, w.up_proj, w.down_proj)
+        few = topk_idx.numel() <= self.n_experts
+        if x.device.type != "cpu":
+            return experts_gathered(*args) if few else experts_dense(*args)
+        if not torch.compiler.is_compiling():
+            return experts_loop(*args)
+        return experts_gathered(*args) if few else _experts_loop_op(*args)
 
     def balance_loss(self, topk_idx, scores, B, T) -> torch.Tensor | None:
         mode = self.cfg.balance_mode
@@ -279,6 +390,26 @@ def update_router_biases(model: nn.Module, cfg: ModelConfig, group=None) -> torc
     for r in rs:
         r.tokens_per_expert.zero_()
     return counts
+
+
+@contextlib.contextmanager
+def _set_routers(rs: list[Router], attr: str, store: dict):
+    for r in rs:
+        setattr(r, attr, store)
+    try:
+        yield
+    finally:
+        for r in rs:
+            setattr(r, attr, None)
+
+
+def checkpoint_contexts(module: nn.Module):
+    """`context_fn` for torch.utils.checkpoint around a module that may hold routers: its forward records each
+    router's expert choice, the recompute in backward replays it. So the tokens are counted once (for the
+    loss-free bias and the monitor; PEERS.md: recompute would count them twice) and the recompute routes
+    exactly as the forward did, even where a recomputed score could differ in the last bit (GPU)."""
+    rs, store = routers(module), {}
+    return _set_routers(rs, "record_to", store), _set_routers(rs, "replay_from", store)
 
 
 def max_violation(counts: torch.Tensor) -> tuple[torch.Tensor, float]:

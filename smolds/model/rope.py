@@ -29,7 +29,15 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, interleave
     if x.dim() == 4:  # broadcast over heads
         cos, sin = cos[:, None], sin[:, None]
     xf = x.float()
-    if interleave:
+    if interleave and not torch.compiler.is_compiling():
+        # pairs are adjacent: one complex product (x0 + i x1)(cos + i sin), as DeepSeek writes it; half the
+        # time of the real form below, forward + backward, same values (inductor has no complex codegen,
+        # so compiled code takes the real form, which it fuses)
+        pairs = xf.unflatten(-1, (-1, 2))  # [..., d/2, 2], a view
+        if pairs.storage_offset() % 2 or any(st % 2 for st in pairs.stride()[:-1]):
+            pairs = pairs.contiguous()  # view_as_complex needs whole complex numbers
+        out = torch.view_as_real(torch.view_as_complex(pairs) * torch.complex(cos, sin)).flatten(-2)
+    elif interleave:
         x1, x2 = xf[..., 0::2], xf[..., 1::2]
         out = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
     else:

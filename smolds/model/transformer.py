@@ -11,23 +11,27 @@ weights 1; router biases 0.
 Caches: `new_cache(batch, max_len)` preallocates one cache per layer (MLA latent, GQA K/V, linear-attention
 state). Left-padded batches pass `pad_mask` [B, T] (True = real token) with the prompt; the cache remembers
 which slots are real and each row's next rotary position, so a batched decode equals one-by-one decodes.
+`decode_step` is the same one-token step with static shapes (for torch.compile and CUDA graphs).
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 
 from smolds.config import ModelConfig
 from smolds.model.attention import AttnContext
 from smolds.model.gqa import GQA
 from smolds.model.layers import RMSNorm, SwiGLU
+from smolds.model.loss import linear_cross_entropy
 from smolds.model.mla import MLA
-from smolds.model.moe import MoE, RoutedExperts, Router
+from smolds.model.moe import MoE, RoutedExperts, Router, checkpoint_contexts
 
 
 def build_attention(kind: str, cfg: ModelConfig) -> nn.Module:
@@ -44,25 +48,51 @@ def build_attention(kind: str, cfg: ModelConfig) -> nn.Module:
 
 @dataclass
 class ModelOutput:
-    logits: torch.Tensor
+    logits: torch.Tensor | None  # [B, T, V]; None when targets were given (the loss is fused with the head)
     loss: torch.Tensor | None = None  # lm_loss + balance_loss (what to backpropagate)
     lm_loss: torch.Tensor | None = None
     balance_loss: torch.Tensor | None = None
 
 
 class Cache:
-    """All layers' decode state plus the bookkeeping shared by every layer."""
+    """All layers' decode state plus the bookkeeping shared by every layer.
+
+    `length` counts the slots filled, as a Python int for the eager path's slicing; `slot` holds the same
+    count as a tensor for static-shape decoding (`Transformer.decode_step`), which advances `slot`, `valid`
+    and `next_pos` inside its graph and leaves `length` to its caller (a Python int read in the graph would
+    make every step a new graph)."""
 
     def __init__(self, layers: list, batch: int, max_len: int, device):
         self.layers = layers
         self.max_len = max_len
         self.length = 0  # slots filled
+        self.slot = torch.zeros(1, dtype=torch.long, device=device)  # = length, as a tensor
         self.valid = torch.zeros(batch, max_len, dtype=torch.bool, device=device)  # real tokens per slot
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)  # next rotary position per row
         self.padded = False
 
     def bytes_per_token(self) -> int:
         return sum(c.bytes_per_token() for c in self.layers)
+
+    def tensors(self) -> list[torch.Tensor]:
+        """Every tensor the cache holds (static decoding marks them as fixed addresses for CUDA graphs)."""
+        return [self.slot, self.valid, self.next_pos] + [t for c in self.layers for t in c.tensors()]
+
+    def reset(self) -> Cache:
+        """Empty the cache for a new batch of prompts, keeping its memory (and so a CUDA graph's addresses)."""
+        for t in self.tensors():
+            t.zero_()
+        self.length, self.padded = 0, False
+        return self
+
+    def static_context(self) -> AttnContext:
+        """The context of one new token per row at slot `slot`, with tensor bookkeeping only (traceable)."""
+        slot = self.slot.clone()
+        self.valid.index_fill_(1, slot, True)
+        positions = self.next_pos[:, None].clone()  # [B, 1]
+        self.next_pos.add_(1)
+        self.slot.add_(1)
+        return AttnContext(positions=positions, mask=self.valid[:, None, None, :], slot=slot)  # mask [B,1,1,S]
 
 
 class Block(nn.Module):
@@ -73,8 +103,14 @@ class Block(nn.Module):
         self.self_attn = build_attention(self.attention_kind, cfg)
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if self.ffn_kind == "moe" else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
+        self.activation_checkpointing = False  # see Transformer.set_activation_checkpointing
 
     def forward(self, x, ctx: AttnContext, cache=None):
+        if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
+            return checkpoint(self._forward, x, ctx, use_reentrant=False, context_fn=partial(checkpoint_contexts, self))
+        return self._forward(x, ctx, cache)
+
+    def _forward(self, x, ctx: AttnContext, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), ctx, cache)
         h = self.post_attention_layernorm(x)
         if self.ffn_kind == "moe":
@@ -115,6 +151,15 @@ class Transformer(nn.Module):
             elif hasattr(m, "init_weights"):  # a layer kind with parameters of its own (linear attention)
                 m.init_weights(std, out_std)
 
+    def set_activation_checkpointing(self, enabled: bool = True):
+        """Keep only each block's input for backward and recompute the block there (torch.utils.checkpoint,
+        non-reentrant): activation memory falls to about one [B, T, D] tensor per layer plus one block's
+        worth, for about one more forward of the blocks. Routers replay their forward's choice in the
+        recompute and do not count its tokens again (`moe.checkpoint_contexts`)."""
+        for blk in self.layers:
+            blk.activation_checkpointing = enabled
+        return self
+
     # --------------------------------------------------------------- forward
     def new_cache(self, batch: int, max_len: int, device=None, dtype=None) -> Cache:
         p = self.embed_tokens.weight
@@ -135,6 +180,14 @@ class Transformer(nn.Module):
         start = cache.length
         if start + T > cache.max_len:
             raise ValueError(f"cache is full: {start} + {T} tokens > max_len {cache.max_len}")
+        cache.slot.fill_(start + T)
+        if T == 1 and pad_mask is None:  # a decode step: no masks to build unless the prompts were padded
+            positions = cache.next_pos[:, None].clone()  # [B, 1]
+            cache.valid[:, start] = True
+            cache.next_pos += 1
+            cache.length = start + 1
+            mask = cache.valid[:, None, None, : start + 1] if cache.padded else None  # [B, 1, 1, S]
+            return AttnContext(positions=positions, mask=mask, start=start)
         valid = torch.ones(B, T, dtype=torch.bool, device=device) if pad_mask is None else pad_mask.bool()
         positions = cache.next_pos[:, None] + valid.long().cumsum(1) - 1  # [B, T]
         positions = positions.clamp_min(0)
@@ -153,7 +206,9 @@ class Transformer(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, targets: torch.Tensor | None = None, cache: Cache | None = None,
                 pad_mask: torch.Tensor | None = None, last_only: bool = False) -> ModelOutput:
-        """input_ids [B, T]; targets [B, T] (-100 = ignore) for the loss; cache for incremental decoding."""
+        """input_ids [B, T]; targets [B, T] (-100 = ignore) for the loss, in which case no logits are returned
+        (smolds/model/loss.py: the LM head and the cross-entropy run together over row chunks);
+        cache for incremental decoding."""
         T = input_ids.shape[1]
         if cache is None and T > self.config.max_position_embeddings:
             raise ValueError(f"sequence length {T} exceeds max_position_embeddings ({self.config.max_position_embeddings})")
@@ -167,12 +222,27 @@ class Transformer(nn.Module):
         x = self.norm(x)
         if last_only:
             x = x[:, -1:]
-        logits = F.linear(x, self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
-        out = ModelOutput(logits=logits, balance_loss=balance)
-        if targets is not None:
-            out.lm_loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten(), ignore_index=-100)
+        head = self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
+        out = ModelOutput(logits=None, balance_loss=balance)
+        if targets is None:
+            out.logits = F.linear(x, head)
+        else:  # the head and the loss fused over row chunks: the [B, T, V] logits are never formed
+            out.lm_loss = linear_cross_entropy(x.flatten(0, 1), head, targets.flatten(), ignore_index=-100)
             out.loss = out.lm_loss if balance is None else out.lm_loss + balance
         return out
+
+    def decode_step(self, tokens: torch.Tensor, cache: Cache) -> torch.Tensor:
+        """One new token per row, tokens [B, 1] -> logits [B, V], with shapes that do not change from step to
+        step: the token is written at `cache.slot` (a tensor) and attention runs over the whole preallocated
+        cache under a validity mask. So one `torch.compile` graph (one CUDA graph with mode="reduce-overhead")
+        serves every step. Gives the logits of `forward(tokens, cache=cache)`; the cache must hold a prefill
+        (any eager forward), and the caller advances `cache.length` (see `Cache`)."""
+        ctx = cache.static_context()
+        x = self.embed_tokens(tokens)
+        for block, layer_cache in zip(self.layers, cache.layers):
+            x, _ = block(x, ctx, layer_cache)
+        x = self.norm(x[:, -1])
+        return F.linear(x, self.embed_tokens.weight if self.lm_head is None else self.lm_head.weight)
 
     # ------------------------------------------------------------ accounting
     def num_parameters(self, active: bool = False) -> int:

@@ -8,6 +8,8 @@ Each rank writes the type and message of the error it raised to OUT_PREFIX.rankN
 import sys
 from pathlib import Path
 
+import torch.distributed as dist
+
 import data_prep
 from smolds import ModelConfig, parallel
 from smolds.run_config import RunConfig
@@ -27,6 +29,8 @@ def main():
     except Exception as e:
         result = f"{type(e).__name__}: {e}"
     Path(f"{sys.argv[1]}.rank{env.rank}").write_text(result)
+    dist.barrier()  # both ranks are done with the group before it goes away
+    dist.destroy_process_group()
 
 
 if __name__ == "__main__":
