@@ -130,7 +130,7 @@ def prepare(
 
         tok = tok or _bpe(out, state, srcs, text_field, vocab_size)
         tok_json = tok.to_str(pretty=True)
-        _write_bytes(out / "tokenizer.json", tok_json.encode())
+        write_atomic(out / "tokenizer.json", tok_json.encode())
         state["tokenizer_sha256"] = _sha256(tok_json)
         _save_progress(out, state)
         eos, vocab = eos_id(tok), vocab_size_of(tok)
@@ -143,7 +143,7 @@ def prepare(
 
         manifest = _manifest(state, key, command, srcs, text_field, tokenizer, vocab_size, tok_json, tok,
                              eos, vocab, np_dtype, shard_tokens, val_fraction)
-        _write_bytes(out / "manifest.json", json.dumps(manifest, indent=1).encode())
+        write_atomic(out / "manifest.json", json.dumps(manifest, indent=1).encode())
         (out / "progress.json").unlink(missing_ok=True)
     if progress:
         seconds = time.perf_counter() - t0
@@ -310,7 +310,7 @@ class _ShardWriter:
         os.replace(self._path(".bin.tmp"), self._path(".bin"))
         buf = io.BytesIO()
         np.save(buf, np.asarray(self.doc_starts, dtype=np.uint32))
-        _write_bytes(self._path(".docs.npy"), buf.getvalue())
+        write_atomic(self._path(".docs.npy"), buf.getvalue())
         entry = {
             "file": self._path(".bin").name, "tokens": self.fill, "documents": len(self.doc_starts),
             "sha256": self.sha.hexdigest(),
@@ -408,10 +408,10 @@ def _manifest(state, key, command, srcs, text_field, tokenizer, vocab_size, tok_
 
 
 def _save_progress(out: Path, state: dict) -> None:
-    _write_bytes(out / "progress.json", json.dumps(state, indent=1).encode())
+    write_atomic(out / "progress.json", json.dumps(state, indent=1).encode())
 
 
-def _write_bytes(path: Path, data: bytes) -> None:
+def write_atomic(path: Path, data: bytes) -> None:
     """Atomic write: readers see the old file or the new one, never half of one."""
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "wb") as f:

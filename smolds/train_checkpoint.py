@@ -29,19 +29,11 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from data_prep.pack import write_atomic
 from smolds.model.moe import RoutedExperts, routers
 from smolds.parallel import barrier
 
 STATE_FILE = "trainer_state.json"
-
-
-def _atomic_write_text(path: Path, text: str):
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def rng_state() -> dict:
@@ -125,11 +117,11 @@ def save(engine, model, ckpt_root: Path, step: int, trainer_state: dict, *, is_m
         if export is not None:
             export(state, tmp / "consolidated")
         trainer_state = {**trainer_state, "step": step, "rng": rng_state(), "router_biases": router_biases(model)}
-        _atomic_write_text(tmp / STATE_FILE, json.dumps(trainer_state, indent=1))
+        write_atomic(tmp / STATE_FILE, json.dumps(trainer_state, indent=1).encode())
     barrier()
     if is_main:
         os.replace(tmp, ckpt_root / tag)
-        _atomic_write_text(ckpt_root / "latest", tag)
+        write_atomic(ckpt_root / "latest", tag.encode())
         done = sorted(p for p in ckpt_root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
         for old in done[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

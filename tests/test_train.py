@@ -95,19 +95,19 @@ def test_crash_while_checkpointing_keeps_previous_checkpoint(data_dir, tmp_path,
     out = tmp_path / "run"
     common = ["--train.steps", "4", "--train.checkpoint_every", "2", "--train.eval_every", "100"]
     calls = {"n": 0}
-    real = ckpt._atomic_write_text
+    real = ckpt.write_atomic
 
-    def crash_on_second_state(path, text):
+    def crash_on_second_state(path, data):
         if path.name == ckpt.STATE_FILE:
             calls["n"] += 1
             if calls["n"] == 2:
                 raise OSError("disk full (injected)")
-        return real(path, text)
+        return real(path, data)
 
-    monkeypatch.setattr(ckpt, "_atomic_write_text", crash_on_second_state)
+    monkeypatch.setattr(ckpt, "write_atomic", crash_on_second_state)
     with pytest.raises(OSError, match="injected"):
         train(cfg(data_dir, out, *common))
-    monkeypatch.setattr(ckpt, "_atomic_write_text", real)
+    monkeypatch.setattr(ckpt, "write_atomic", real)
     assert latest_checkpoint(out / "checkpoints").name == "step_0000002"
     assert (out / "checkpoints" / "step_0000004.tmp").exists()  # the partial one, never pointed to
     s = train(cfg(data_dir, out, *common), resume=True)
