@@ -39,8 +39,9 @@ import time
 from pathlib import Path
 
 import torch
+from presets import model_config  # bench/presets.py: smolds' presets + mid
 
-from smolds import ModelConfig, Transformer
+from smolds import Transformer
 from smolds.generate import compile_mode, generate_tokens
 from smolds.interop.hf import export_hf
 
@@ -124,7 +125,7 @@ def main(argv=None) -> int:
     from transformers import AutoModelForCausalLM
 
     device, dtype = torch.device(args.device), DTYPES[args.dtype]
-    cfg = ModelConfig.from_preset(args.preset)
+    cfg = model_config(args.preset)
     torch.manual_seed(0)
     model = Transformer(cfg).to(device=device, dtype=dtype).eval()
     arch = "llama" if set(cfg.attention_pattern) == {"gqa"} else "deepseek_v3"

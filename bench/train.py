@@ -2,7 +2,7 @@
 
 Rows (one training step each = forward + backward + optimizer step on the same random micro-batch):
 - `ours`            our Transformer, eager; AdamW (torch's fused kernel, for every row), bf16 = autocast over fp32 weights;
-- `ours-compiled`   the same with every block `torch.compile`d (--compile);
+- `ours-compiled`   the same with every block `torch.compile`d (--compile), as `--train.compile true` runs it;
 - `ours-ckpt`       the eager row with activation checkpointing (`Transformer.set_activation_checkpointing`,
                     --checkpointing): what the memory saving costs;
 - `ours-unfused-ce` the eager row with the loss taken as before smolds/model/loss.py, F.cross_entropy over
@@ -54,25 +54,15 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a checkout without installing
 
+from presets import model_config  # noqa: E402  (bench/ is on sys.path when run as a script)
+
 from smolds import ModelConfig, Transformer  # noqa: E402
 from smolds.model.moe import update_router_biases  # noqa: E402
 
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16
 LR = 1e-4  # small: random tokens, we only time the step
 
-# A mid-size MoE for CPU: 8 layers of width 384, 8 routed experts (top-2) + 1 shared, MLA without query
-# compression; active FFN width 2*256 + 256 = 768 = the dense layer's, as in the 135m preset.
-MID = dict(vocab_size=16384, hidden_size=384, num_hidden_layers=8, max_position_embeddings=2048,
-           tie_word_embeddings=True, attention_pattern=["mla"], rope_theta=10000.0, rope_interleave=True,
-           num_attention_heads=6, num_key_value_heads=2, head_dim=64, q_lora_rank=None, kv_lora_rank=96,
-           qk_nope_head_dim=64, qk_rope_head_dim=32, v_head_dim=64, intermediate_size=768,
-           n_routed_experts=8, n_shared_experts=1, moe_intermediate_size=256, num_experts_per_tok=2,
-           n_group=1, topk_group=1, first_k_dense_replace=1)
 DEFAULT_SHAPE = {"tiny": (8, 256), "mid": (4, 512), "smollm2-deepseek-135m": (8, 2048)}
-
-
-def model_config(preset: str) -> ModelConfig:
-    return ModelConfig(**MID) if preset == "mid" else ModelConfig.from_preset(preset)
 
 
 def dense_reference(preset: str, cfg: ModelConfig) -> ModelConfig:
@@ -136,11 +126,7 @@ class Bench:
         base = self._alloc()
         torch.manual_seed(0)
         model = Transformer(self.cfg).to(self.device).train().set_activation_checkpointing(variant == "ckpt")
-        if compiled:
-            # a data-dependent output size (none in the training path today) is captured, not a graph break
-            torch._dynamo.config.capture_dynamic_output_shape_ops = True
-            for blk in model.layers:
-                blk.compile()  # one graph per block kind (dense, MoE), reused across layers
+        model.compile_blocks(compiled)  # as --train.compile true: one graph per block kind, reused across layers
         opt = self.adamw(model)
 
         def step():

@@ -180,3 +180,23 @@ class MixedWindows:
                             f"[{said(mine['mixture'])}]; resume with the same sources, order and weights, or "
                             "start a new run from the weights (changed weights would first be caught up)")
         self.consumed = [int(s["consumed_windows"]) for s in saved]
+
+
+def open_windows(spec: str | os.PathLike | dict, split: str = "val", seq_len: int = 1024, **kw):
+    """A command's `--data`: one prepared directory -> TokenWindows; a mixture, as a dict or as the text
+    `"{data/a: 0.7, data/b: 0.3}"` (YAML, as `--data.dir` takes it) -> MixedWindows. DataError when the
+    text is not a mapping of directories to weights."""
+    if isinstance(spec, str) and spec.lstrip().startswith("{"):
+        import yaml
+
+        try:
+            spec = yaml.safe_load(spec)
+        except yaml.YAMLError as e:
+            problem = str(e).splitlines()[0]
+            raise DataError(f"--data {spec!r} is not a YAML mapping ({problem}); write a mixture as "
+                            "\"{data/a: 0.7, data/b: 0.3}\"") from None
+        if not isinstance(spec, dict):
+            raise DataError(f"--data {spec!r} is not a mapping; write a mixture as \"{{data/a: 0.7, data/b: 0.3}}\"")
+    if isinstance(spec, dict):
+        return MixedWindows(spec, split=split, seq_len=seq_len, **kw)
+    return TokenWindows(spec, split=split, seq_len=seq_len, **kw)

@@ -3,8 +3,9 @@
     smolds curves runs/tiny                         # -> runs/tiny/curves.png
     smolds curves runs/mla runs/linear --out cmp.png --x tokens
 
-Six panels, every run overlaid: train loss, validation loss, learning rate, tokens/s, gradient norm and
-MaxVio (the routing monitor's mean over MoE layers). Panels with no data in any run say so. The trainer
+Six panels, every run overlaid: train loss, validation loss (and, for a run on a data mixture, each
+source's, dashed), learning rate, tokens/s, gradient norm and MaxVio (the routing monitor's mean over MoE
+layers). Panels with no data in any run say so. The trainer
 redraws OUT_DIR/curves.png at every evaluation. Rows are read as the trainer writes them; when a run was
 resumed, the last row written for a step wins (the resumed run's).
 """
@@ -53,6 +54,21 @@ def read_series(run_dir: str | Path) -> dict[tuple[str, str], list[tuple[int, fl
     return {k: [(s, tokens_at.get(s, s * per_token), v) for s, v in sorted(d.items())] for k, d in by_step.items()}
 
 
+def panel_lines(runs: list[tuple[str, dict]], kind: str, key: str, x: str = "step") -> list[tuple[str, list, list, str]]:
+    """(label, xs, ys, line style) of one panel. The validation-loss panel of a run on a data mixture also
+    gets each source's loss (`loss/<name>`, dashed), labelled "<run> <name>"."""
+    lines = []
+    for label, series in runs:
+        keys = [key] + (sorted(k for c, k in series if c == kind and k.startswith("loss/")) if key == "loss" and kind == "eval" else [])
+        for k in keys:
+            points = series.get((kind, k))
+            if points:
+                xs = [p[0] if x == "step" else p[1] for p in points]
+                name = label if k == key else f"{label} {k.split('/', 1)[1]}"
+                lines.append((name, xs, [p[2] for p in points], "-" if k == key else "--"))
+    return lines
+
+
 def plot_runs(run_dirs: list[str | Path], out: str | Path, x: str = "step") -> Path:
     """Draw the runs' curves into one PNG; labels are the run dirs' names."""
     if x not in ("step", "tokens"):
@@ -61,24 +77,18 @@ def plot_runs(run_dirs: list[str | Path], out: str | Path, x: str = "step") -> P
     fig = _figure(FIGSIZE)
     axes = fig.subplots(2, 3)
     for ax, (title, kind, key, log_y) in zip(axes.flat, PANELS):
-        drawn = False
-        for label, series in runs:
-            points = series.get((kind, key))
-            if not points:
-                continue
-            xs = [p[0] if x == "step" else p[1] for p in points]
-            ax.plot(xs, [p[2] for p in points], label=label, marker="o" if kind == "eval" else None,
-                    markersize=3, linewidth=1.2)
-            drawn = True
+        lines = panel_lines(runs, kind, key, x)
+        for label, xs, ys, style in lines:
+            ax.plot(xs, ys, style, label=label, marker="o" if kind == "eval" else None, markersize=3, linewidth=1.2)
         ax.set_title(title, fontsize=10)
         ax.set_xlabel(x)
-        if not drawn:
+        if not lines:
             ax.text(0.5, 0.5, "no data", ha="center", va="center", transform=ax.transAxes, color="gray")
         elif log_y:
             ax.set_yscale("log")
+        if len(lines) > len(runs) or (len(runs) > 1 and ax is axes.flat[0]):  # per-source lines, or runs to tell apart
+            ax.legend(fontsize=8)
         ax.grid(alpha=0.3)
-    if len(runs) > 1:
-        axes.flat[0].legend(fontsize=8)
     fig.suptitle(", ".join(label for label, _ in runs))
     return _save(fig, out)
 

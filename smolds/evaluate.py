@@ -1,6 +1,7 @@
 """Evaluation: validation loss, perplexity and MaxVio over a whole split, plus greedy samples.
 
     smolds eval RUN_DIR_OR_CHECKPOINT --data SHARDS [--seq-len 256] [--batches 50]
+    smolds eval RUN_DIR_OR_CHECKPOINT --data "{data/a: 0.7, data/b: 0.3}"   # a mixture: loss per source too
 
 MaxVio here is MaxVio_global of the loss-free balancing paper: expert loads counted over the whole
 evaluation set (summed across ranks), not per batch.
@@ -85,20 +86,22 @@ def greedy_samples(model, tokenizer, prompts: list[str], max_new_tokens: int) ->
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="smolds eval", description=__doc__.split("\n\n")[0])
     p.add_argument("checkpoint", help="a consolidated checkpoint dir, a training checkpoint or a run dir")
-    p.add_argument("--data", required=True, help="shards dir from `smolds prep`")
+    p.add_argument("--data", required=True,
+                   help="shards dir from `smolds prep`, or a mixture \"{dir: weight, ...}\" as in --data.dir")
     p.add_argument("--split", default="val", choices=["train", "val"])
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
     p.add_argument("--batches", type=int, default=None, help="at most this many batches (default: all)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
-    from data_prep import TokenWindows
+    from data_prep.errors import DataError
+    from data_prep.mixture import open_windows
     from smolds.checkpoint import load_pretrained
 
     try:
         model, _ = load_pretrained(args.checkpoint, device=args.device)
-        data = TokenWindows(args.data, split=args.split, seq_len=args.seq_len)
-    except (FileNotFoundError, ValueError) as e:
+        data = open_windows(args.data, split=args.split, seq_len=args.seq_len)
+    except (FileNotFoundError, ValueError, DataError) as e:
         print(f"smolds eval: error: {e}", file=sys.stderr)
         return 2
     result = evaluate(model, data, args.batches, args.batch_size, torch.device(args.device))

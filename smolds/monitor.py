@@ -619,7 +619,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="drawn on the MaxVio curve (the trainer warns above it)")
     p.add_argument("--follow", action="store_true", help="keep reading the run's log and refresh until it ends")
     p.add_argument("--interval", type=float, default=30.0, help="seconds between reads with --follow")
-    p.add_argument("--data", help="shards dir from `smolds prep`: route its text through the checkpoint")
+    p.add_argument("--data", help="shards dir from `smolds prep` (or a mixture \"{dir: weight, ...}\"): route its "
+                                  "text through the checkpoint")
     p.add_argument("--split", default="val", choices=["train", "val"])
     p.add_argument("--seq-len", type=int, default=256)
     p.add_argument("--batch-size", type=int, default=8)
@@ -676,10 +677,10 @@ def _checkpoint_main(args) -> int:
         print(f"smolds monitor: error: {args.path} has no MoE layers to monitor", file=sys.stderr)
         return 2
     if args.data:
-        from data_prep import TokenWindows
+        from data_prep.mixture import open_windows
 
         try:
-            data = TokenWindows(args.data, split=args.split, seq_len=args.seq_len)
+            data = open_windows(args.data, split=args.split, seq_len=args.seq_len)
         except (FileNotFoundError, ValueError, DataError) as e:
             print(f"smolds monitor: error: {e}", file=sys.stderr)
             return 2

@@ -53,6 +53,8 @@ class TrainConfig:
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
     # recompute each block in backward instead of keeping its activations (memory for ~1/3 more compute)
     activation_checkpointing: bool = False
+    # torch.compile each block (Transformer.compile_blocks): the first steps compile (tens of seconds)
+    compile: bool = False
     init_from: str | None = None  # fresh start from these weights (consolidated/training checkpoint or run dir)
 
 
@@ -101,8 +103,15 @@ class RunConfig(YamlDataclass):
                      "checkpoint_every", "keep_checkpoints", "eval_batches", "max_nonfinite_steps"):
             if not isinstance(getattr(t, name), int) or getattr(t, name) <= 0:
                 raise ConfigError(f"train.{name}: must be a positive integer, got {getattr(t, name)!r}")
-        if not isinstance(t.activation_checkpointing, bool):
-            raise ConfigError(f"train.activation_checkpointing: must be true or false, got {t.activation_checkpointing!r}")
+        for name in ("activation_checkpointing", "compile"):
+            if not isinstance(getattr(t, name), bool):
+                raise ConfigError(f"train.{name}: must be true or false, got {getattr(t, name)!r}")
+        if t.compile and t.activation_checkpointing:
+            raise ConfigError("train.compile and train.activation_checkpointing together are not supported yet (the "
+                              "recompute would take another compiled graph than the forward); turn one of them off")
+        if t.compile and d.zero_stage == 3:
+            raise ConfigError("train.compile with deepspeed.zero_stage 3 is not supported (ZeRO-3 gathers "
+                              "parameters in hooks the compiled blocks skip); use zero_stage 0-2 or turn compile off")
         if t.schedule not in ("wsd", "cosine"):
             raise ConfigError(f"train.schedule: unknown {t.schedule!r}; allowed: wsd, cosine")
         if t.device not in ("auto", "cpu", "cuda"):

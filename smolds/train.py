@@ -169,6 +169,7 @@ def _deepspeed_moe_marker(ep_size: int) -> nn.Module:
 def build_model(cfg: RunConfig, model_cfg: ModelConfig, env: parallel.Env):
     torch.manual_seed(cfg.train.seed)  # identical init on every rank (also for the sliced experts)
     model = Transformer(model_cfg).set_activation_checkpointing(cfg.train.activation_checkpointing)
+    model.compile_blocks(cfg.train.compile)
     if cfg.train.init_from:  # whole weights (and router biases) on every rank, before any sharding
         load_weights(model, cfg.train.init_from)
     ep_group = None

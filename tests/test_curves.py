@@ -4,7 +4,7 @@ import json
 
 from PIL import Image
 
-from smolds.curves import main, plot_runs, read_series
+from smolds.curves import main, panel_lines, plot_runs, read_series
 
 
 def _run(path, rows):
@@ -40,3 +40,15 @@ def test_plot_and_command(tmp_path, capsys):
     assert main([str(tmp_path / "nothing")]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "has no metrics.jsonl" in err[0]
+
+
+def test_mixture_runs_get_per_source_validation_lines(tmp_path):
+    rows = _rows([5.0, 4.0])
+    rows[-1].update({"loss/web": 4.2, "loss/code": 5.1})
+    runs = [("mix", read_series(_run(tmp_path / "mix", rows))), ("one", read_series(_run(tmp_path / "one", _rows([5.0]))))]
+    val = panel_lines(runs, "eval", "loss")
+    assert [(label, ys, style) for label, _, ys, style in val] == [
+        ("mix", [4.5], "-"), ("mix code", [5.1], "--"), ("mix web", [4.2], "--"), ("one", [5.5], "-")]
+    assert [label for label, *_ in panel_lines(runs, "train", "loss")] == ["mix", "one"]  # other panels: one line a run
+    with Image.open(plot_runs([tmp_path / "mix"], tmp_path / "mix.png")) as im:
+        assert im.size == (1350, 700)

@@ -195,3 +195,21 @@ def test_training_on_a_mixture_logs_per_source_val_loss(dirs, tmp_path, capsys):
     assert main([*args, "--train.steps", "4", "--data.dir", f"{{{dirs['a']}: 0.5, {dirs['b']}: 0.5}}", "--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "same sources, order and weights" in err[0]
+    # The run's last checkpoint through `smolds eval` and `smolds monitor` with the same mixture: the same
+    # per-source losses as the trainer's eval (same windows: batch 4 x 2 batches per source, seq_len 32).
+    from smolds import evaluate, monitor
+
+    mixture = f"{{{dirs['a']}: 0.75, {dirs['b']}: 0.25}}"
+    capsys.readouterr()
+    assert evaluate.main([str(out), "--data", mixture, "--seq-len", "32", "--batch-size", "4", "--batches", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    for key in ("loss", "loss/a", "loss/b"):
+        assert result[key] == pytest.approx(ev[key], rel=1e-4), key
+    assert monitor.main([str(out), "--data", mixture, "--seq-len", "32", "--batches", "2",
+                         "--out", str(tmp_path / "mon")]) == 0
+    assert "MaxVio" in capsys.readouterr().out and (tmp_path / "mon" / "routing_report.md").is_file()
+    for bad, message in [("{" + str(dirs["a"]) + ": 0.5", "is not a YAML mapping"),
+                         ("{" + str(dirs["a"]) + ": 0}", "weights must be finite and > 0")]:
+        assert evaluate.main([str(out), "--data", bad]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and message in err[0], err

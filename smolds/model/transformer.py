@@ -104,11 +104,14 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if self.ffn_kind == "moe" else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
         self.activation_checkpointing = False  # see Transformer.set_activation_checkpointing
+        self.compiled_forward = None  # see Transformer.compile_blocks
 
     def forward(self, x, ctx: AttnContext, cache=None):
+        # the compiled graph serves full sequences (training, evaluation); cached decoding stays eager
+        fwd = self._forward if cache is not None or self.compiled_forward is None else self.compiled_forward
         if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
-            return checkpoint(self._forward, x, ctx, use_reentrant=False, context_fn=partial(checkpoint_contexts, self))
-        return self._forward(x, ctx, cache)
+            return checkpoint(fwd, x, ctx, use_reentrant=False, context_fn=partial(checkpoint_contexts, self))
+        return fwd(x, ctx, cache)
 
     def _forward(self, x, ctx: AttnContext, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), ctx, cache)
@@ -158,6 +161,23 @@ class Transformer(nn.Module):
         recompute and do not count its tokens again (`moe.checkpoint_contexts`)."""
         for blk in self.layers:
             blk.activation_checkpointing = enabled
+        return self
+
+    def compile_blocks(self, enabled: bool = True, **compile_kwargs):
+        """torch.compile each block's body (attention, norms, FFN; torchtitan's per-block compile): one graph
+        per block kind (dense, MoE; as many recompiles as kinds, not layers), reused by every layer of that
+        kind. Training and full-sequence forwards run the compiled graphs; cached decoding stays eager
+        (`generate(compile=True)` compiles its own static-shape step). Activation checkpointing wraps the
+        compiled body. The MoE dispatch's data-dependent sizes are captured, not graph breaks."""
+        if enabled:
+            torch._dynamo.config.capture_dynamic_output_shape_ops = True
+            kinds = {(b.attention_kind, b.ffn_kind) for b in self.layers}
+            # guards are per block instance: room for every layer, not torch's default of 8
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(self.layers) + 8)
+            torch._dynamo.config.accumulated_cache_size_limit = max(
+                torch._dynamo.config.accumulated_cache_size_limit, 4 * len(self.layers) * len(kinds) + 64)
+        for blk in self.layers:
+            blk.compiled_forward = torch.compile(blk._forward, **compile_kwargs) if enabled else None
         return self
 
     # --------------------------------------------------------------- forward
