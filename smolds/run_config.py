@@ -110,8 +110,8 @@ class RunConfig(YamlDataclass):
             raise ConfigError("train.compile and train.activation_checkpointing together are not supported yet (the "
                               "recompute would take another compiled graph than the forward); turn one of them off")
         if t.compile and d.zero_stage == 3:
-            raise ConfigError("train.compile with deepspeed.zero_stage 3 is not supported (ZeRO-3 gathers "
-                              "parameters in hooks the compiled blocks skip); use zero_stage 0-2 or turn compile off")
+            raise ConfigError("train.compile with deepspeed.zero_stage 3 is not supported (not tested with "
+                              "ZeRO-3's parameter gathering); use zero_stage 0-2 or turn compile off")
         if t.schedule not in ("wsd", "cosine"):
             raise ConfigError(f"train.schedule: unknown {t.schedule!r}; allowed: wsd, cosine")
         if t.device not in ("auto", "cpu", "cuda"):

@@ -107,7 +107,7 @@ class Block(nn.Module):
         self.compiled_forward = None  # see Transformer.compile_blocks
 
     def forward(self, x, ctx: AttnContext, cache=None):
-        # the compiled graph serves full sequences (training, evaluation); cached decoding stays eager
+        # the compiled graphs serve full sequences (training, evaluation); cached decoding stays eager
         fwd = self._forward if cache is not None or self.compiled_forward is None else self.compiled_forward
         if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
             return checkpoint(fwd, x, ctx, use_reentrant=False, context_fn=partial(checkpoint_contexts, self))
@@ -159,23 +159,23 @@ class Transformer(nn.Module):
         non-reentrant): activation memory falls to about one [B, T, D] tensor per layer plus one block's
         worth, for about one more forward of the blocks. Routers replay their forward's choice in the
         recompute and do not count its tokens again (`moe.checkpoint_contexts`)."""
+        if enabled and any(b.compiled_forward is not None for b in self.layers):
+            raise ValueError("activation checkpointing of compiled blocks is not supported yet; turn one off")
         for blk in self.layers:
             blk.activation_checkpointing = enabled
         return self
 
     def compile_blocks(self, enabled: bool = True, **compile_kwargs):
-        """torch.compile each block's body (attention, norms, FFN; torchtitan's per-block compile): one graph
-        per block kind (dense, MoE; as many recompiles as kinds, not layers), reused by every layer of that
-        kind. Training and full-sequence forwards run the compiled graphs; cached decoding stays eager
-        (`generate(compile=True)` compiles its own static-shape step). Activation checkpointing wraps the
-        compiled body. The MoE dispatch's data-dependent sizes are captured, not graph breaks."""
+        """torch.compile each block's body (attention, norms, FFN; torchtitan's per-block compile). The graphs
+        are shared by all layers of a kind (dense, MoE): 4 or 24 layers compile the same 8 graphs on CPU,
+        where the CPU grouped-mm kernel splits the MoE block. Training and full-sequence forwards run them;
+        cached decoding stays eager (`generate(compile=True)` compiles its own static-shape step). The MoE
+        dispatch's data-dependent sizes are captured, not graph breaks. Not with activation checkpointing:
+        the recompute would take another graph than the forward and checkpoint's metadata check fails."""
+        if enabled and any(b.activation_checkpointing for b in self.layers):
+            raise ValueError("compile_blocks with activation checkpointing is not supported yet; turn one off")
         if enabled:
             torch._dynamo.config.capture_dynamic_output_shape_ops = True
-            kinds = {(b.attention_kind, b.ffn_kind) for b in self.layers}
-            # guards are per block instance: room for every layer, not torch's default of 8
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 2 * len(self.layers) + 8)
-            torch._dynamo.config.accumulated_cache_size_limit = max(
-                torch._dynamo.config.accumulated_cache_size_limit, 4 * len(self.layers) * len(kinds) + 64)
         for blk in self.layers:
             blk.compiled_forward = torch.compile(blk._forward, **compile_kwargs) if enabled else None
         return self
