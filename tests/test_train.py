@@ -169,7 +169,12 @@ def test_compiled_blocks_train_like_eager(data_dir, tmp_path):
 
     common = ["--model.num_hidden_layers", "3", "--train.steps", "4", "--train.eval_every", "4",
               "--train.log_every", "1", "--eval.sample_tokens", "2"]
-    runs = {flag: train(cfg(data_dir, tmp_path / flag, *common, "--train.compile", flag)) for flag in ("false", "true")}
+    from torch._dynamo.utils import counters
+
+    runs = {"false": train(cfg(data_dir, tmp_path / "false", *common, "--train.compile", "false"))}
+    before = counters["stats"]["calls_captured"]  # dynamo's count of ops it put into graphs
+    runs["true"] = train(cfg(data_dir, tmp_path / "true", *common, "--train.compile", "true"))
+    assert counters["stats"]["calls_captured"] > before  # the blocks did run compiled (warm caches count too)
     eager, compiled = train_losses(tmp_path / "false"), train_losses(tmp_path / "true")
     assert len(eager) == 4 and compiled == pytest.approx(eager, rel=1e-4)
     assert runs["true"]["val_loss"] == pytest.approx(runs["false"]["val_loss"], rel=1e-4)
