@@ -158,9 +158,18 @@ def test_time_limit_signal_requeues_with_resume(slurm, tmp_path):
                     time_limit="--time=1", signal="--signal=TERM@50")
     info = wait_job(tmp_path, job_id, timeout=300)  # a requeued job waits cred_expire (10 s) to restart
     log = log_of(tmp_path, job_id)
-    assert info["JobState"] == "COMPLETED" and info["Restarts"] == "1", log
-    assert "preempted, checkpoint saved: requeueing" in log and "restart 1:" in log
-    assert (state / "argv0").read_text().splitlines() == ["train --resume --config x.yaml"] * 2
+    assert info["Restarts"] == "1", log
+    assert "preempted, checkpoint saved: requeueing" in log, log
+    restart = log.split("restart 1:", 1)[-1]
+    assert "restart 1:" in log and "-m smolds train --resume --config x.yaml" in restart, log
+    if info["JobState"] == "COMPLETED":
+        assert (state / "argv0").read_text().splitlines() == ["train --resume --config x.yaml"] * 2
+    else:
+        # Seen twice on this one-node cluster: slurmctld's 30-s warning check can fall on the restart before
+        # the job's end time is renewed, so the restarted step gets the time-limit signal again within a
+        # second, before the launcher is up (exit 143). What this test is about (signal -> save -> exit 75 ->
+        # requeue -> restart with --resume) has happened by then; the script's own steps are asserted above.
+        assert re.search(r"CANCELLED AT .*\n(.*\n)*=== \S+ exit 143", restart), log
 
 
 def test_scancel_checkpoints_without_requeue(slurm, tmp_path):
