@@ -5,6 +5,8 @@ Rows (one training step each = forward + backward + optimizer step on the same r
 - `ours-compiled`   the same with every block `torch.compile`d (--compile), as `--train.compile true` runs it;
 - `ours-ckpt`       the eager row with activation checkpointing (`Transformer.set_activation_checkpointing`,
                     --checkpointing): what the memory saving costs;
+- `ours-compiled-ckpt` compiled blocks with activation checkpointing (--compiled-checkpointing), as
+                    `--train.compile true --train.activation_checkpointing true` runs them;
 - `ours-unfused-ce` the eager row with the loss taken as before smolds/model/loss.py, F.cross_entropy over
                     the full fp32 logits (--unfused-ce): what the fused head + cross-entropy gains;
 - `hf-dsv3[...]`    transformers' DeepseekV3ForCausalLM with our weights (exported with `export_hf`, so the
@@ -142,9 +144,9 @@ class Bench:
             opt.zero_grad(set_to_none=True)
             update_router_biases(model, self.cfg)
 
-        name = "ours-compiled" if compiled else f"ours-{variant}" if variant else "ours"
+        name = "ours" + ("-compiled" if compiled else "") + (f"-{variant}" if variant else "")
         self._add(Row(name, step, model.flops_per_token(self.T), name), [model], opt,
-                  warmup=self.args.warmup + (3 if compiled else 0), base=base, estimate=not compiled)
+                  warmup=self.args.warmup + (3 if compiled else 0), base=base)
 
     def _hf_from_ours(self, cfg: ModelConfig, arch: str, **kwargs):
         from transformers import AutoModelForCausalLM
@@ -284,6 +286,8 @@ class Bench:
             self.attempt("ours-compiled", self.add_ours, True)
         if a.checkpointing:
             self.attempt("ours-ckpt", self.add_ours, False, "ckpt")
+        if a.compiled_checkpointing:
+            self.attempt("ours-compiled-ckpt", self.add_ours, True, "ckpt")
         if a.unfused_ce:
             self.attempt("ours-unfused-ce", self.add_ours, False, "unfused-ce")
         for spec in filter(None, a.hf_dsv3.split(",")):
@@ -422,6 +426,8 @@ def main(argv=None) -> int:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--compile", action="store_true", help="add a row with every block torch.compile'd")
     p.add_argument("--checkpointing", action="store_true", help="add a row with activation checkpointing")
+    p.add_argument("--compiled-checkpointing", action="store_true",
+                   help="add a row with compiled blocks and activation checkpointing")
     p.add_argument("--unfused-ce", action="store_true",
                    help="add a row whose loss is F.cross_entropy over the full logits (the pre-loss.py way)")
     p.add_argument("--hf-dsv3", default="sdpa:eager",

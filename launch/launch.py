@@ -13,6 +13,10 @@ command, so `--dry-run` prints an exact equivalent) rather than as a child: torc
 failure as exit code 1, and on SIGTERM dies with a traceback. Here the trainer's exit code survives, so 75
 ("preempted, checkpoint saved, requeue me") reaches Slurm, which requeues the job.
 
+SIGTERM/SIGUSR1 are caught from the first line of main(): one that arrives before torchrun has started the
+workers (while torch is imported, during the rendezvous) ends the launcher at once with 75, since there is
+nothing new to save; after that torchrun forwards it to the workers, which save and exit 75.
+
 Environment, set only where the caller has not set it already:
   OMP_NUM_THREADS            CPUs of this node (or Slurm task) / processes: torchrun alone would say 1
   PYTHONUNBUFFERED=1         logs of all ranks arrive in order, and before a crash
@@ -36,6 +40,7 @@ import sys
 from pathlib import Path
 
 PREEMPTED = 75  # EX_TEMPFAIL: the trainer saved a checkpoint on SIGTERM/SIGUSR1; requeue and --resume
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 CHECK_SCRIPT = Path(__file__).resolve().with_name("check_dist.py")
 
 
@@ -159,15 +164,32 @@ def exit_code(failures: dict) -> int:
     return 128 - code if code < 0 else (code if 0 < code < 256 else 1)
 
 
+def _stop_signal(signum: int, frame) -> None:
+    """SIGTERM/SIGUSR1 handler, installed first thing in main().
+
+    Until torchrun starts the workers, nothing exists that a checkpoint could save: exit 75 at once (requeue;
+    --resume continues from the last checkpoint), whatever the launcher is doing (importing torch,
+    rendezvous). torchrun's process context takes SIGTERM over just before it starts the workers (its
+    handler forwards SIGTERM to them and raises SignalException, see run_torchrun); from then on SIGUSR1,
+    which torchrun does not handle, is turned into SIGTERM for it. So every moment has a handler that ends
+    in 75: this one, or torchrun's."""
+    if signal.getsignal(signal.SIGTERM) is not _stop_signal:  # torchrun has taken over: workers exist
+        os.kill(os.getpid(), signal.SIGTERM)
+        return
+    # os.write, not print: the signal may have interrupted a print to stderr (a reentrant call fails)
+    os.write(2, f"launch: {signal.Signals(signum).name} before the workers started: nothing to save; "
+                f"exit {PREEMPTED} (requeue)\n".encode())
+    os._exit(PREEMPTED)  # not SystemExit: torch code could catch it, or wait on its threads at exit
+
+
 def run_torchrun(argv: list[str]) -> int:
     """Run torchrun in this process and return the trainer's exit code (see the module docstring)."""
     from torch.distributed import run as torchrun
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
-    # torchrun forwards SIGTERM/INT/HUP/QUIT to the workers but dies of SIGUSR1, the trainer's other
-    # "save and stop" signal: turn it into SIGTERM.
-    signal.signal(signal.SIGUSR1, lambda *_: os.kill(os.getpid(), signal.SIGTERM))
+    for sig in STOP_SIGNALS:  # main() has done this already; this is for run_torchrun called on its own
+        signal.signal(sig, _stop_signal)
     try:
         torchrun.main(argv)
     except ChildFailedError as e:
@@ -183,7 +205,17 @@ def run_torchrun(argv: list[str]) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args, trainer_args = parse_args(sys.argv[1:] if argv is None else argv)
+    previous = {sig: signal.signal(sig, _stop_signal) for sig in STOP_SIGNALS}  # first: see _stop_signal
+    try:
+        return _main(sys.argv[1:] if argv is None else argv)
+    finally:
+        if signal.getsignal(signal.SIGTERM) is _stop_signal:  # torchrun never started (--dry-run, errors)
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+
+
+def _main(argv: list[str]) -> int:
+    args, trainer_args = parse_args(argv)
     device = resolve_device(args.device)
     nproc = resolve_nproc(args.nproc, device)
     if nproc < 1:

@@ -39,6 +39,12 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"smolds: unknown command {name!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
         return 2
+    if name == "train":
+        # First, before the trainer imports torch and DeepSpeed: a SIGTERM/SIGUSR1 from Slurm or torchrun
+        # while a worker starts up must set the stop flag, not kill it (smolds/preemption.py).
+        from smolds import preemption
+
+        preemption.install()
     module = importlib.import_module(COMMANDS[name][0])
     if name in ("import-hf", "import-gguf", "export-hf"):
         rest = [name, *rest]

@@ -106,9 +106,6 @@ class RunConfig(YamlDataclass):
         for name in ("activation_checkpointing", "compile"):
             if not isinstance(getattr(t, name), bool):
                 raise ConfigError(f"train.{name}: must be true or false, got {getattr(t, name)!r}")
-        if t.compile and t.activation_checkpointing:
-            raise ConfigError("train.compile and train.activation_checkpointing together are not supported yet (the "
-                              "recompute would take another compiled graph than the forward); turn one of them off")
         if t.compile and d.zero_stage == 3:
             raise ConfigError("train.compile with deepspeed.zero_stage 3 is not supported (not tested with "
                               "ZeRO-3's parameter gathering); use zero_stage 0-2 or turn compile off")
@@ -124,6 +121,9 @@ class RunConfig(YamlDataclass):
             raise ConfigError(f"deepspeed.zero_stage: must be 0, 1, 2 or 3, got {d.zero_stage!r}")
         if not isinstance(d.ep_size, int) or d.ep_size <= 0:
             raise ConfigError(f"deepspeed.ep_size: must be a positive integer, got {d.ep_size!r}")
+        if t.compile and t.activation_checkpointing and d.ep_size > 1:
+            raise ConfigError("train.compile with train.activation_checkpointing and deepspeed.ep_size > 1 is not "
+                              "supported (the all-to-all splits the compiled checkpoint); turn one of them off")
         if isinstance(self.data.dir, dict):
             from data_prep.errors import DataError
             from data_prep.mixture import normalized_weights

@@ -15,14 +15,15 @@ One optimizer step = `grad_accum` micro-batches per rank, then:
 Failure handling: a non-finite loss on any rank makes every rank skip that step (the optimizer step runs with
 zero gradient and zero learning rate, so the weights do not move; Adam's moments decay by one step), and
 `max_nonfinite_steps` in a row stop the run with an error. Weights are checked before every checkpoint.
-On SIGTERM the run saves and exits with code 75 (EX_TEMPFAIL: "requeue me"); `--resume` continues it.
+On SIGTERM the run saves and exits with code 75 (EX_TEMPFAIL: "requeue me"); `--resume` continues it. The
+signals are caught from the worker's start (smolds/preemption.py): one that arrives during setup, before the
+first step, exits 75 without saving, since the run is still where its last checkpoint left it.
 """
 
 from __future__ import annotations
 
 import argparse
 import math
-import signal
 import sys
 import time
 from pathlib import Path
@@ -32,7 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from data_prep.errors import DataError
-from smolds import parallel
+from smolds import parallel, preemption
 from smolds import train_checkpoint as ckpt
 from smolds.config import ConfigError, ModelConfig
 from smolds.evaluate import evaluate, greedy_samples
@@ -239,19 +240,27 @@ def deepspeed_config(cfg: RunConfig, env: parallel.Env, bf16: bool) -> dict:
 
 # -------------------------------------------------------------------------------------------- loop
 class Preemption:
-    """SIGTERM/SIGUSR1 set a flag; the loop checks it (all ranks agree) after each step."""
+    """SIGTERM/SIGUSR1 set a flag (smolds.preemption; under `smolds train` from the worker's first moments);
+    train() checks it once before the first step and again after each step, all ranks agreeing."""
 
     def __init__(self):
-        self.flag = False
-        for sig in (signal.SIGTERM, signal.SIGUSR1):
-            signal.signal(sig, self._handler)
+        preemption.install()  # again, for train() called without the CLI; keeps a signal already received
 
-    def _handler(self, signum, frame):
-        self.flag = True
+    @property
+    def flag(self) -> bool:
+        return preemption.received() is not None
 
-    def requested(self, device) -> bool:
+    def _any_rank(self, device) -> bool:
         t = torch.tensor([1.0 if self.flag else 0.0], device=device)
         return bool(parallel.all_reduce_(t, op=dist.ReduceOp.MAX).item() > 0)
+
+    def requested(self, device) -> bool:
+        """After a step: stop (and save) if any rank got a stop signal."""
+        return self._any_rank(device)
+
+    def requested_during_startup(self, device) -> bool:
+        """Before the first step: did any rank get a stop signal while the run was starting up?"""
+        return self._any_rank(device)
 
 
 def _all_finite(model, device) -> bool:
@@ -281,6 +290,7 @@ def _grad_norm(model, ep_group) -> float:
 
 def train(cfg: RunConfig, resume: bool = False) -> dict:
     """Run (or resume) a pretraining run; returns a summary (first/last loss, val loss/ppl, paths)."""
+    preempt = Preemption()  # before the slow setup below: a stop signal during it is kept, not fatal
     env = parallel.init(cfg.train.device)
     model_cfg = cfg.model_config()
     check_batch(cfg, env, model_cfg)
@@ -305,6 +315,18 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
         state = ckpt.load(engine, model, latest, ep_group)
         start_step = state["step"]
         train_data.load_state_dict(state["data"])
+    if preempt.requested_during_startup(env.device):
+        # Stopped before the first step: the run is exactly where its last checkpoint (or the fresh start)
+        # left it, so exit 75 without saving; --resume starts from the same place and nothing is lost.
+        # Running a step first and saving it would gain one step but spend the time the preemption
+        # lead leaves (and write a checkpoint identical to the one just loaded when no step ran).
+        where = f"checkpoint {latest}" if latest is not None else "a fresh start"
+        if env.is_main:
+            print(f"smolds train: stop signal (SIGTERM/SIGUSR1) during startup, before step {start_step + 1}: "
+                  f"nothing to save, --resume continues from {where}; exiting with {EXIT_PREEMPTED}",
+                  file=sys.stderr, flush=True)
+        return {"out_dir": str(out_dir), "first_loss": None, "last_loss": None, "preempted": True,
+                "step": start_step, "checkpoint": str(latest) if latest is not None else None}
     if env.is_main:
         out_dir.mkdir(parents=True, exist_ok=True)
         cfg.to_yaml(out_dir / "run_config.yaml")
@@ -346,7 +368,6 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
         log.log_text(f"step {step_}: checkpoint {path}")
         return path
 
-    preempt = Preemption()
     nonfinite_run, nonfinite_total = 0, state.get("nonfinite_total", 0)
     summary = {"out_dir": str(out_dir), "first_loss": None, "last_loss": None}
     step, last_saved, t_last, t_start, grad_norm = start_step, None, time.time(), time.time(), None

@@ -1,5 +1,6 @@
-"""launch/launch.py: the command and environment it builds, the rendezvous guard, exit codes, and
-(with the trainer) two 'nodes' on loopback matching one process, and SIGTERM -> checkpoint -> resume."""
+"""launch/launch.py: the command and environment it builds, the rendezvous guard, exit codes, a signal
+before the workers start, and (with the trainer) two 'nodes' on loopback matching one process,
+SIGTERM -> checkpoint -> resume, and SIGTERM during the trainer's startup -> exit 75 -> resume."""
 
 from __future__ import annotations
 
@@ -218,6 +219,67 @@ def log_tail(tmp_path: Path) -> str:
     return "\n".join(p.read_text()[-2000:] for p in sorted(tmp_path.glob("*.out")))
 
 
+def catches(pid: int, sig: signal.Signals) -> bool:
+    """Whether process pid has a handler installed for sig (/proc/PID/status SigCgt: a hex mask, bit sig-1)."""
+    try:
+        mask = re.search(r"^SigCgt:\s*([0-9a-f]+)", Path(f"/proc/{pid}/status").read_text(), re.M)
+    except OSError:
+        return False
+    return bool(mask and int(mask.group(1), 16) >> (sig - 1) & 1)
+
+
+def children(pid: int) -> list[int]:
+    try:
+        return [int(c) for c in Path(f"/proc/{pid}/task/{pid}/children").read_text().split()]
+    except OSError:
+        return []
+
+
+def listening(port: int) -> bool:
+    """Whether a socket on this machine listens on TCP port (read from /proc/net, no connection made)."""
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        try:
+            rows = [line.split() for line in Path(table).read_text().splitlines()[1:]]
+        except OSError:
+            continue
+        if any(row[3] == "0A" and int(row[1].rsplit(":", 1)[1], 16) == port for row in rows):  # 0A: LISTEN
+            return True
+    return False
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("when, sig", [
+    ("start", signal.SIGTERM), ("rendezvous", signal.SIGTERM), ("rendezvous", signal.SIGUSR1),
+], ids=["start-SIGTERM", "rendezvous-SIGTERM", "rendezvous-SIGUSR1"])
+def test_signal_before_the_workers_start_exits_75(tmp_path, when, sig):
+    """A requeued Slurm job can get its signal again within a second of restarting. Before torchrun has
+    started the workers (the launcher importing torch, or waiting in the rendezvous) there is nothing to
+    save: exit 75 at once (requeue), not death by the signal (143). Two 'nodes' are announced and one
+    comes, so the workers can never start; the signal goes as soon as the launcher catches it, or once
+    the rendezvous store listens."""
+    port = free_port()
+    proc = launcher("--nproc", "1", "--nnodes", "2", "--rdzv-endpoint", f"127.0.0.1:{port}",
+                    "--rdzv-id", "half-a-world", "--allow-loopback", out_dir=tmp_path / "run")
+    try:
+        if when == "start":
+            deadline = time.monotonic() + 60
+            while not (catches(proc.pid, signal.SIGTERM) or "launch: " in log_tail(tmp_path)):
+                assert proc.poll() is None and time.monotonic() < deadline, log_tail(tmp_path)
+                time.sleep(0.01)
+        else:
+            wait_for(lambda: listening(port), 120, f"the rendezvous store on port {port}", proc)
+        assert not children(proc.pid)
+        t0 = time.monotonic()
+        proc.send_signal(sig)
+        code = finish(proc, 60)
+    finally:
+        proc.kill()
+    assert code == 75, log_tail(tmp_path)
+    assert time.monotonic() - t0 < 10, "exit 75 should be immediate"
+    assert f"launch: {sig.name} before the workers started: nothing to save; exit 75 (requeue)" in log_tail(tmp_path)
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 @needs_trainer
 def test_two_nodes_on_loopback_match_one_process(tmp_path):
@@ -258,3 +320,40 @@ def test_sigterm_checkpoints_and_resume_continues(tmp_path):
     assert steps[-2:] == [saved + 1, saved + 2], steps  # appended, continuing after the checkpoint
     assert max(steps[:-2]) == saved
     assert latest_step(out) == saved + 2
+
+
+@pytest.mark.slow
+@needs_trainer
+def test_signal_while_the_trainer_starts_up_exits_75_and_resume_works(tmp_path):
+    """A requeued job restarts with --resume and gets SIGTERM again while the worker is still starting up
+    (importing torch, DeepSpeed init, loading the checkpoint); Slurm signals the launcher and the worker.
+    The worker catches it from its first moments and stops before its first step without saving (the run
+    is still at its checkpoint), the launcher exits 75, and the next --resume continues from there."""
+    out = tmp_path / "run"
+    run = ["--nproc", "1", "--train.micro_batch", "2", "--train.eval_every", "1000"]
+    assert finish(launcher(*run, "--train.steps", "2", out_dir=out), 600) == 0, log_tail(tmp_path)
+    assert latest_step(out) == 2
+
+    proc = launcher(*run, "--train.steps", "4", "--resume", out_dir=out)
+    worker = []
+
+    def worker_catches_sigterm() -> bool:
+        worker[:] = [pid for pid in children(proc.pid) if catches(pid, signal.SIGTERM)]
+        return bool(worker)
+
+    try:
+        wait_for(worker_catches_sigterm, 120, "the worker to catch SIGTERM", proc)
+        assert [m["step"] for m in metrics(out)] == [1, 2]  # still starting up
+        proc.send_signal(signal.SIGTERM)
+        os.kill(worker[0], signal.SIGTERM)
+        assert finish(proc, 300) == 75, log_tail(tmp_path)
+    finally:
+        proc.kill()
+    log = "\n".join(p.read_text() for p in tmp_path.glob("*.out"))
+    assert ("smolds train: stop signal (SIGTERM/SIGUSR1) during startup, before step 3: nothing to save, "
+            f"--resume continues from checkpoint {out / 'checkpoints' / 'step_0000002'}") in log, log
+    assert [m["step"] for m in metrics(out)] == [1, 2] and latest_step(out) == 2
+
+    assert finish(launcher(*run, "--train.steps", "4", "--resume", out_dir=out), 600) == 0, log_tail(tmp_path)
+    assert [m["step"] for m in metrics(out)] == [1, 2, 3, 4]
+    assert latest_step(out) == 4

@@ -207,3 +207,25 @@ def test_aux_loss_is_minimal_when_balanced():
     scores = torch.full((8, 4), 0.5)
     loss = moe.balance_loss(idx, scores, 1, 8)
     assert loss.item() == pytest.approx(c.aux_loss_alpha)
+
+
+@pytest.mark.skipif(not moe_module._CPU_GROUPED_MM, reason="this torch has no CPU kernel for torch._grouped_mm")
+def test_cpu_grouped_mm_op_gradients_with_empty_experts():
+    """`grouped_mm_cpu` (the CPU grouped products as one opaque op, so compiled MoE blocks have no graph
+    break): forward and both gradients equal per-expert matmuls, empty experts included (zero weight
+    gradient), and torch.library's own checks of the op's fake (shape) rule and autograd pass."""
+    torch.manual_seed(0)
+    counts = torch.tensor([0, 5, 0, 7, 3, 0])  # the first and the last expert get no token
+    offs = counts.cumsum(0).to(torch.int32)
+    x = torch.randn(int(counts.sum()), 16, requires_grad=True)
+    w = torch.randn(6, 8, 16, requires_grad=True)  # [E, out, in], used transposed as the experts do
+    y = moe_module.grouped_mm_cpu(x, w.transpose(1, 2), offs)
+    g = torch.randn_like(y)
+    gx, gw = torch.autograd.grad(y, [x, w], g)
+    ref = torch.cat([xe @ w[e].t() for e, xe in enumerate(x.split(counts.tolist()))])
+    rx, rw = torch.autograd.grad(ref, [x, w], g)
+    torch.testing.assert_close(y, ref)
+    torch.testing.assert_close(gx, rx)
+    torch.testing.assert_close(gw, rw)
+    assert gw[0].abs().sum() == 0 and gw[5].abs().sum() == 0
+    torch.library.opcheck(moe_module.grouped_mm_cpu, (x, w.transpose(1, 2), offs))

@@ -30,6 +30,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from smolds.config import ModelConfig
 from smolds.model.layers import SwiGLU
@@ -135,7 +136,7 @@ class RoutedExperts(nn.Module):
         w1, w3, w2 = self.gate_proj.to(dtype), self.up_proj.to(dtype), self.down_proj.to(dtype)
         if _grouped_mm_ok(x, w1.shape[1]):
             offs = counts.cumsum(0).to(torch.int32)  # no host sync: offsets stay on the device
-            return (_grouped_swiglu if x.is_cuda else _grouped_swiglu_eager)(x, w1, w3, w2, offs)
+            return _grouped_swiglu(x, w1, w3, w2, offs)
         outs = []  # reference loop: one matmul per expert (a host sync for the split sizes)
         for e, xe in enumerate(x.split(counts.tolist())):
             h = F.silu(xe @ w1[e].t()) * (xe @ w3[e].t())
@@ -144,8 +145,8 @@ class RoutedExperts(nn.Module):
 
 
 class _ContiguousGrad(torch.autograd.Function):
-    """Identity whose backward makes the incoming gradient contiguous: the CPU grouped-mm backward rejects
-    the stride-0 gradients that e.g. `out.sum()` produces."""
+    """Identity whose backward makes the incoming gradient contiguous: grouped-mm backward may reject the
+    stride-0 gradients that e.g. `out.sum()` produces."""
 
     @staticmethod
     def forward(ctx, x):
@@ -158,24 +159,54 @@ class _ContiguousGrad(torch.autograd.Function):
 
 def _grouped_swiglu(x, w1, w3, w2, offs):
     """All experts' SwiGLU in three grouped matmuls; x [N, D] sorted by expert, offs [E] cumulative counts."""
-    h = F.silu(torch._grouped_mm(x, w1.transpose(1, 2), offs=offs))  # [N, I]
-    h = h * torch._grouped_mm(x, w3.transpose(1, 2), offs=offs)
-    return _ContiguousGrad.apply(torch._grouped_mm(h, w2.transpose(1, 2), offs=offs))  # [N, D]
+    mm = torch._grouped_mm if x.is_cuda else grouped_mm_cpu
+    h = F.silu(mm(x, w1.transpose(1, 2), offs=offs))  # [N, I]
+    h = h * mm(x, w3.transpose(1, 2), offs=offs)
+    return _ContiguousGrad.apply(mm(h, w2.transpose(1, 2), offs=offs))  # [N, D]
 
 
-# torch.compile's shape rules for _grouped_mm accept only bf16: the CPU kernel runs outside the graph.
-_grouped_swiglu_eager = torch.compiler.disable(_grouped_swiglu)
+# On CPU the grouped products run as an opaque op with its own backward. torch.compile's shape rule for
+# _grouped_mm takes only bf16 (CUDA), so traced directly the CPU kernel would split every compiled MoE block
+# into pieces; as a custom op it stays inside the graph (no break), and a compiled block can be
+# activation-checkpointed whole. The SwiGLU's elementwise math around it stays visible to the compiler.
+@torch.library.custom_op("smolds::grouped_mm", mutates_args=())
+def grouped_mm_cpu(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """torch._grouped_mm with offs over a's rows: a [N, K] (rows sorted by group) x b [G, K, M] -> [N, M],
+    group g's rows times b[g]; or over the shared dimension: a [K, N] x b [N, M] -> [G, K, M], group g's
+    columns of a times its rows of b (the weight gradient)."""
+    return torch._grouped_mm(a, b, offs=offs)
+
+
+@grouped_mm_cpu.register_fake
+def _(a, b, offs):
+    return a.new_empty(a.shape[0], b.shape[2]) if b.dim() == 3 else a.new_empty(offs.shape[0], a.shape[0], b.shape[1])
+
+
+def _grouped_mm_setup(ctx, inputs, output):
+    ctx.save_for_backward(*inputs)
+
+
+def _grouped_mm_grad(ctx, grad):
+    a, b, offs = ctx.saved_tensors
+    if b.dim() != 3:
+        raise NotImplementedError("smolds::grouped_mm: no gradient for the weight-gradient form")
+    grad = grad.contiguous()  # the CPU kernel rejects stride-0 gradients such as those of `out.sum()`
+    return grouped_mm_cpu(grad, b.transpose(1, 2), offs), grouped_mm_cpu(a.t(), grad, offs), None
+
+
+grouped_mm_cpu.register_autograd(_grouped_mm_grad, setup_context=_grouped_mm_setup)
 
 
 def _cpu_grouped_mm_works() -> bool:
-    """Recent torch has a CPU kernel (with autograd) for torch._grouped_mm, older torch none: probe once."""
+    """Recent torch has a CPU kernel for torch._grouped_mm, older torch none: probe once (forward and
+    the backward's forms)."""
     if not hasattr(torch, "_grouped_mm"):
         return False
     try:
-        x = torch.ones(3, 4, requires_grad=True)
-        y = torch._grouped_mm(x, torch.ones(2, 4, 4), offs=torch.tensor([1, 3], dtype=torch.int32))
+        x, w = torch.ones(3, 4, requires_grad=True), torch.ones(2, 4, 4, requires_grad=True)
+        y = grouped_mm_cpu(x, w, torch.tensor([1, 3], dtype=torch.int32))
         y.backward(torch.ones_like(y))
-        return bool((y == 4).all() and (x.grad == 4).all())
+        return bool((y == 4).all() and (x.grad == 4).all() and (w.grad[1] == 2).all())
     except (RuntimeError, NotImplementedError):
         return False
 
@@ -410,6 +441,17 @@ def checkpoint_contexts(module: nn.Module):
     exactly as the forward did, even where a recomputed score could differ in the last bit (GPU)."""
     rs, store = routers(module), {}
     return _set_routers(rs, "record_to", store), _set_routers(rs, "replay_from", store)
+
+
+def _save_routing(ctx, op, *args, **kwargs):
+    return CheckpointPolicy.MUST_SAVE if op is torch.ops.aten.topk.default else CheckpointPolicy.PREFER_RECOMPUTE
+
+
+def recompute_policy():
+    """`context_fn` for a checkpoint that torch.compile traces (`Block._checkpointed`): recompute everything
+    in backward but the top-k results, so the recompute routes exactly as the forward did (the eager
+    `checkpoint_contexts` replays the choice instead)."""
+    return create_selective_checkpoint_contexts(_save_routing)
 
 
 def max_violation(counts: torch.Tensor) -> tuple[torch.Tensor, float]:

@@ -31,7 +31,7 @@ from smolds.model.gqa import GQA
 from smolds.model.layers import RMSNorm, SwiGLU
 from smolds.model.loss import linear_cross_entropy
 from smolds.model.mla import MLA
-from smolds.model.moe import MoE, RoutedExperts, Router, checkpoint_contexts
+from smolds.model.moe import MoE, RoutedExperts, Router, checkpoint_contexts, recompute_policy
 
 
 def build_attention(kind: str, cfg: ModelConfig) -> nn.Module:
@@ -104,14 +104,36 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
         self.mlp = MoE(cfg) if self.ffn_kind == "moe" else SwiGLU(cfg.hidden_size, cfg.intermediate_size)
         self.activation_checkpointing = False  # see Transformer.set_activation_checkpointing
-        self.compiled_forward = None  # see Transformer.compile_blocks
+        self.compiled_forward = self.compiled_checkpointed = None  # see Transformer.compile_blocks
 
     def forward(self, x, ctx: AttnContext, cache=None):
-        # the compiled graphs serve full sequences (training, evaluation); cached decoding stays eager
-        fwd = self._forward if cache is not None or self.compiled_forward is None else self.compiled_forward
-        if self.activation_checkpointing and cache is None and torch.is_grad_enabled():
-            return checkpoint(fwd, x, ctx, use_reentrant=False, context_fn=partial(checkpoint_contexts, self))
-        return fwd(x, ctx, cache)
+        checkpointed = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
+        if self.compiled_forward is not None and cache is None:  # compiled: full sequences; decoding stays eager
+            if checkpointed and getattr(self.mlp, "ep_group", None) is not None:
+                raise ValueError("compiled blocks with activation checkpointing and expert parallelism are not "
+                                 "supported (the all-to-all splits the compiled checkpoint); turn one off")
+            if checkpointed and not hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+                raise ValueError(f"compiled blocks with activation checkpointing need a newer torch than "
+                                 f"{torch.__version__} (the recompute would count the routers' tokens twice); "
+                                 "turn one off")
+            if not checkpointed:
+                return self.compiled_forward(x, ctx)
+            try:
+                return self.compiled_checkpointed(x, ctx)
+            except torch._dynamo.exc.Unsupported as e:  # a graph break: the eager fallback would count twice
+                reason = str(e).strip().splitlines()[0]
+                raise ValueError(f"compiled blocks with activation checkpointing need each block to compile as "
+                                 f"one graph, and this one breaks ({reason}); turn one of them off") from None
+        if checkpointed:
+            return checkpoint(self._forward, x, ctx, use_reentrant=False, context_fn=partial(checkpoint_contexts, self))
+        return self._forward(x, ctx, cache)
+
+    def _checkpointed(self, x, ctx: AttnContext):
+        """What a compiled, activation-checkpointed block runs: torch.compile traces the checkpoint into its
+        graph and its backward recomputes the block, saving only the routers' choices (`moe.recompute_policy`).
+        The routers count their tokens once: dynamo does not replay forward side effects in the recompute.
+        Compiled with fullgraph=True: at a graph break dynamo would run this checkpoint eagerly, recounting."""
+        return checkpoint(self._forward, x, ctx, use_reentrant=False, context_fn=recompute_policy)
 
     def _forward(self, x, ctx: AttnContext, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), ctx, cache)
@@ -158,26 +180,26 @@ class Transformer(nn.Module):
         """Keep only each block's input for backward and recompute the block there (torch.utils.checkpoint,
         non-reentrant): activation memory falls to about one [B, T, D] tensor per layer plus one block's
         worth, for about one more forward of the blocks. Routers replay their forward's choice in the
-        recompute and do not count its tokens again (`moe.checkpoint_contexts`)."""
-        if enabled and any(b.compiled_forward is not None for b in self.layers):
-            raise ValueError("activation checkpointing of compiled blocks is not supported yet; turn one off")
+        recompute and do not count its tokens again (`moe.checkpoint_contexts`; compiled blocks:
+        `Block._checkpointed`)."""
         for blk in self.layers:
             blk.activation_checkpointing = enabled
         return self
 
     def compile_blocks(self, enabled: bool = True, **compile_kwargs):
         """torch.compile each block's body (attention, norms, FFN; torchtitan's per-block compile). The graphs
-        are shared by all layers of a kind (dense, MoE): 4 or 24 layers compile the same 8 graphs on CPU,
-        where the CPU grouped-mm kernel splits the MoE block. Training and full-sequence forwards run them;
-        cached decoding stays eager (`generate(compile=True)` compiles its own static-shape step). The MoE
-        dispatch's data-dependent sizes are captured, not graph breaks. Not with activation checkpointing:
-        the recompute would take another graph than the forward and checkpoint's metadata check fails."""
-        if enabled and any(b.activation_checkpointing for b in self.layers):
-            raise ValueError("compile_blocks with activation checkpointing is not supported yet; turn one off")
+        are shared by all layers of a kind: one graph per block kind (dense, MoE), with no graph break (on CPU
+        the grouped products are one opaque op, `moe.grouped_mm_cpu`). Training and full-sequence forwards
+        run them; cached decoding stays eager (`generate(compile=True)` compiles its own static-shape step).
+        With activation checkpointing the checkpoint is compiled into the graph (`Block._checkpointed`)."""
         if enabled:
             torch._dynamo.config.capture_dynamic_output_shape_ops = True
-        for blk in self.layers:
+            if hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):  # else refused in forward
+                torch._dynamo.config.skip_fwd_side_effects_in_bwd_under_checkpoint = True
+        for blk in self.layers:  # torch.compile is lazy: a graph is built at its first call
             blk.compiled_forward = torch.compile(blk._forward, **compile_kwargs) if enabled else None
+            blk.compiled_checkpointed = (torch.compile(blk._checkpointed, **{**compile_kwargs, "fullgraph": True})
+                                         if enabled else None)
         return self
 
     # --------------------------------------------------------------- forward
