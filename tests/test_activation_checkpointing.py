@@ -30,7 +30,8 @@ def test_checkpointed_training_equals_plain(balance_mode, compiled):
     skip_fwd_side_effects_in_bwd_under_checkpoint). Compiled kernels only reorder float sums."""
     from torch._dynamo.utils import counters
 
-    cfg, (plain, ckpt) = _pair(compiled, balance_mode=balance_mode, n_group=2, topk_group=1)
+    mixed = dict(attention_pattern=["mla", "linear"]) if compiled else {}  # MLA and linear-attention blocks
+    cfg, (plain, ckpt) = _pair(compiled, balance_mode=balance_mode, n_group=2, topk_group=1, **mixed)
     tol = dict(rtol=1e-4, atol=1e-6) if compiled else dict(rtol=1e-5, atol=1e-7)
     captured, breaks = counters["stats"]["calls_captured"], sum(counters["graph_break"].values())
     # AdamW divides by the gradient's RMS, which turns reordering noise in near-zero gradients into whole
