@@ -109,31 +109,34 @@ class Block(nn.Module):
     def forward(self, x, ctx: AttnContext, cache=None):
         checkpointed = self.activation_checkpointing and cache is None and torch.is_grad_enabled()
         if self.compiled_forward is not None and cache is None:  # compiled: full sequences; decoding stays eager
-            if checkpointed and getattr(self.mlp, "ep_group", None) is not None:
-                raise ValueError("compiled blocks with activation checkpointing and expert parallelism are not "
-                                 "supported (the all-to-all splits the compiled checkpoint); turn one off")
-            if checkpointed and not hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
-                raise ValueError(f"compiled blocks with activation checkpointing need a newer torch than "
-                                 f"{torch.__version__} (the recompute would count the routers' tokens twice); "
-                                 "turn one off")
-            if not checkpointed:
-                return self.compiled_forward(x, ctx)
-            try:
-                return self.compiled_checkpointed(x, ctx)
-            except torch._dynamo.exc.Unsupported as e:  # a graph break: the eager fallback would count twice
-                reason = str(e).strip().splitlines()[0]
-                raise ValueError(f"compiled blocks with activation checkpointing need each block to compile as "
-                                 f"one graph, and this one breaks ({reason}); turn one of them off") from None
+            return self._compiled_checkpointed_forward(x, ctx) if checkpointed else self.compiled_forward(x, ctx)
         if checkpointed:
             return checkpoint(self._forward, x, ctx, use_reentrant=False, context_fn=partial(checkpoint_contexts, self))
         return self._forward(x, ctx, cache)
 
     def _checkpointed(self, x, ctx: AttnContext):
-        """What a compiled, activation-checkpointed block runs: torch.compile traces the checkpoint into its
-        graph and its backward recomputes the block, saving only the routers' choices (`moe.recompute_policy`).
-        The routers count their tokens once: dynamo does not replay forward side effects in the recompute.
-        Compiled with fullgraph=True: at a graph break dynamo would run this checkpoint eagerly, recounting."""
+        """What a compiled, activation-checkpointed block runs (`compiled_checkpointed`): torch.compile traces
+        the checkpoint into the block's graph, whose backward recomputes the block but keeps the routers'
+        top-k (`moe.recompute_policy`); dynamo does not replay forward side effects there, so the routers
+        count their tokens once."""
         return checkpoint(self._forward, x, ctx, use_reentrant=False, context_fn=recompute_policy)
+
+    def _compiled_checkpointed_forward(self, x, ctx: AttnContext):
+        """Run `compiled_checkpointed`, which only works as one whole graph (it is compiled with fullgraph=True):
+        at a graph break dynamo would run the checkpoint eagerly, without the routing replay, and count the
+        tokens twice. So the cases that break are refused in one line."""
+        if getattr(self.mlp, "ep_group", None) is not None:
+            raise ValueError("compiled blocks with activation checkpointing and expert parallelism are not "
+                             "supported (the all-to-all splits the compiled checkpoint); turn one off")
+        if not hasattr(torch._dynamo.config, "skip_fwd_side_effects_in_bwd_under_checkpoint"):
+            raise ValueError(f"compiled blocks with activation checkpointing need a newer torch than "
+                             f"{torch.__version__} (the recompute would count the routers' tokens twice); turn one off")
+        try:
+            return self.compiled_checkpointed(x, ctx)
+        except torch._dynamo.exc.Unsupported as e:
+            reason = str(e).strip().splitlines()[0]
+            raise ValueError(f"compiled blocks with activation checkpointing need each block to compile as one "
+                             f"graph, and this one breaks ({reason}); turn one of them off") from None
 
     def _forward(self, x, ctx: AttnContext, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), ctx, cache)
@@ -188,8 +191,8 @@ class Transformer(nn.Module):
 
     def compile_blocks(self, enabled: bool = True, **compile_kwargs):
         """torch.compile each block's body (attention, norms, FFN; torchtitan's per-block compile). The graphs
-        are shared by all layers of a kind: one graph per block kind (dense, MoE), with no graph break (on CPU
-        the grouped products are one opaque op, `moe.grouped_mm_cpu`). Training and full-sequence forwards
+        are shared by all layers of a kind: one graph per block kind (dense, MoE), unbroken (on CPU the grouped
+        products are one opaque op, `moe.grouped_mm_cpu`) but for expert parallelism's all-to-all. Training and full-sequence forwards
         run them; cached decoding stays eager (`generate(compile=True)` compiles its own static-shape step).
         With activation checkpointing the checkpoint is compiled into the graph (`Block._checkpointed`)."""
         if enabled:
