@@ -14,7 +14,8 @@
 # Stages (each under its own timeout, each writing to $OUT as it goes):
 #   1. env.txt       GPU, driver, versions
 #   2. checks.txt    host-device syncs in one training step of ours (torch.cuda sync debug mode), torch.compile
-#                    graph breaks of a dense and an MoE block, SDPA with values padded to the key width vs not
+#                    graph breaks of a dense and an MoE block, SDPA with values padded to the key width vs not,
+#                    compiled + checkpointed blocks against the eager model (loss, gradients, token counts)
 #   3. train.txt/json  bench/train.py at smollm2-deepseek-135m, micro-batch 8 x 2048, bf16: ours eager,
 #                    compiled, with activation checkpointing and with the unfused loss, transformers DeepseekV3
 #                    (eager attention + eager experts as in the 29,449 tok/s, and sdpa + grouped_mm),
@@ -138,9 +139,32 @@ for name, f in (("unpadded", plain), ("padded", padded)) * 2:
         if cuda: torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
     print(f"SDPA fwd+bwd B{B} H{H} T{T} dqk {DQK} dv {DV} {name}: {sorted(times)[len(times) // 2] * 1e3:.2f} ms")
+
+# (d) compiled blocks with activation checkpointing (last: the stage's timeout may cut it) against the plain
+# eager model: loss, gradients and router counts after one forward + backward
+from smolds.model.moe import routers
+x = ids[:2, :257]
+runs = []
+for compiled in (False, True):
+    torch.manual_seed(0)
+    model = Transformer(cfg).to(dev, dtype).train().set_activation_checkpointing(compiled).compile_blocks(compiled)
+    t = time.perf_counter()
+    try:
+        loss = model(x[:, :-1], targets=x[:, 1:]).loss
+        loss.backward()
+    except Exception as e:  # noqa: BLE001
+        print(f"compiled+ckpt failed: {type(e).__name__}: {str(e)[:300]}")
+        break
+    grads = torch.cat([p.grad.float().flatten() for p in model.parameters() if p.grad is not None])
+    counts = torch.stack([r.tokens_per_expert for r in routers(model)])
+    runs.append((loss.item(), grads, counts, time.perf_counter() - t))
+if len(runs) == 2:
+    (l0, g0, c0, _), (l1, g1, c1, t1) = runs
+    print(f"compiled+ckpt vs eager: loss {l1:.5f} vs {l0:.5f}, grad rel diff {((g1 - g0).norm() / g0.norm()).item():.2e}, "
+          f"counts equal {bool((c1 == c0).all())} ({c1.sum().item():.0f} vs {c0.sum().item():.0f}), first call {t1:.1f} s")
 EOF
 echo "exit $?" >> "$OUT/checks.txt"
-grep -E "^(syncs|explain|SDPA|exit)" "$OUT/checks.txt" | tee -a "$OUT/summary.txt"
+grep -E "^(syncs|explain|SDPA|compiled\+ckpt|exit)" "$OUT/checks.txt" | tee -a "$OUT/summary.txt"
 
 # ---------------------------------------------------------------------------------------------- 3. training
 stage "train bench ($PRESET on $DEV)"
