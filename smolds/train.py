@@ -250,17 +250,10 @@ class Preemption:
     def flag(self) -> bool:
         return preemption.received() is not None
 
-    def _any_rank(self, device) -> bool:
+    def requested(self, device) -> bool:
+        """Did any rank get a stop signal? Checked once before the first step and after each step."""
         t = torch.tensor([1.0 if self.flag else 0.0], device=device)
         return bool(parallel.all_reduce_(t, op=dist.ReduceOp.MAX).item() > 0)
-
-    def requested(self, device) -> bool:
-        """After a step: stop (and save) if any rank got a stop signal."""
-        return self._any_rank(device)
-
-    def requested_during_startup(self, device) -> bool:
-        """Before the first step: did any rank get a stop signal while the run was starting up?"""
-        return self._any_rank(device)
 
 
 def _all_finite(model, device) -> bool:
@@ -315,7 +308,7 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
         state = ckpt.load(engine, model, latest, ep_group)
         start_step = state["step"]
         train_data.load_state_dict(state["data"])
-    if preempt.requested_during_startup(env.device):
+    if preempt.requested(env.device):
         # Stopped before the first step: the run is exactly where its last checkpoint (or the fresh start)
         # left it, so exit 75 without saving; --resume starts from the same place and nothing is lost.
         # Running a step first and saving it would gain one step but spend the time the preemption

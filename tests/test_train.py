@@ -74,9 +74,9 @@ def test_resume_matches_uninterrupted_run(data_dir, tmp_path, monkeypatch):
     # Interrupted: a preemption signal arrives during step 6; the run checkpoints there and returns.
     checks = {"n": 0}
 
-    def preempt_at_6(self, device):
+    def preempt_at_6(self, device):  # the first check is the one before step 1
         checks["n"] += 1
-        return checks["n"] == 6
+        return checks["n"] == 7
 
     monkeypatch.setattr(smolds.train.Preemption, "requested", preempt_at_6)
     s = train(cfg(data_dir, tmp_path / "part", *common))

@@ -54,8 +54,8 @@ def main():
             checks = {"n": 0}
 
             def requested(self, device, checks=checks, at=preempt_at):
-                checks["n"] += 1
-                return checks["n"] == at
+                checks["n"] += 1  # the first check is the one before step 1
+                return checks["n"] == at + 1
 
             t.Preemption.requested = requested
         summary = train(cfg, resume=resume)
