@@ -226,9 +226,10 @@ def _grouped_mm_ok(x: torch.Tensor, hidden: int) -> bool:
 # ------------------------------------------------------------------------------------ decoding: few tokens
 # A decode step routes B tokens (B = batch), far fewer than the sort/grouped-GEMM dispatch is built for: its
 # sort, scatter and per-group launches (grouped_mm's CPU kernel calls a matmul for every expert, empty or not)
-# cost more than the experts' products. `MoE.dispatch_decode` takes forwards of at most DECODE_MAX_TOKENS
-# tokens without grad and picks one of the three forms below; each equals `naive_moe_reference`
-# (tests/test_moe.py).
+# cost more than the experts' products when run eagerly. `MoE.dispatch_decode` takes forwards of at most
+# DECODE_MAX_TOKENS tokens without grad and picks one of the three forms below (or, compiled on CPU with more
+# (token, expert) pairs than experts, the training dispatch, whose sort and scatter inductor compiles away);
+# each equals `naive_moe_reference` (tests/test_moe.py).
 DECODE_MAX_TOKENS = 64
 
 
@@ -350,8 +351,10 @@ class MoE(nn.Module):
 
     def dispatch_decode(self, x, topk_idx, topk_weight):
         """A few tokens without grad (decoding): on CPU the host-synced loop over the chosen experts, or under
-        torch.compile, for N*K <= E, the gathered form that the compiler fuses; on a GPU (no host sync, CUDA
-        graphs) the gathered form for N*K <= E, otherwise every expert on every token."""
+        torch.compile, for N*K <= E, the gathered form that the compiler fuses, and for more tokens the sorted
+        grouped products (the compiler fuses the sort and scatter; 7-15% faster steps than the loop op at
+        B=8); on a GPU (no host sync, CUDA graphs) the gathered form for N*K <= E, otherwise every expert on
+        every token."""
         w = self.experts
         args = (x, topk_idx, topk_weight, w.gate_proj, w.up_proj, w.down_proj)
         few = topk_idx.numel() <= self.n_experts
@@ -359,7 +362,11 @@ class MoE(nn.Module):
             return experts_gathered(*args) if few else experts_dense(*args)
         if not torch.compiler.is_compiling():
             return experts_loop(*args)
-        return experts_gathered(*args) if few else _experts_loop_op(*args)
+        if few:
+            return experts_gathered(*args)
+        if _grouped_mm_ok(x.to(_expert_dtype(x)), w.gate_proj.shape[1]):
+            return self.dispatch_local(x, topk_idx, topk_weight)
+        return _experts_loop_op(*args)
 
     def balance_loss(self, topk_idx, scores, B, T) -> torch.Tensor | None:
         mode = self.cfg.balance_mode
