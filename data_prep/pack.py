@@ -111,7 +111,10 @@ def prepare(
 
     if out.exists() and not out.is_dir():
         raise DataError(f"--out {out} is a file; choose a directory")
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise DataError(f"--out {out}: cannot create it ({e.strerror}); choose a writable directory") from None
     with _locked(out):
         state = _claim(out, key, overwrite)
         if state is not None and state.get("complete"):

@@ -13,7 +13,14 @@ import sys
 from collections.abc import Iterator
 
 from smolds.checkpoint import IM_END, TextTokenizer
-from smolds.generate import add_sampling_args, fit_prompts, load_for_cli, sampling_kwargs, stream
+from smolds.generate import (
+    add_sampling_args,
+    check_sampling_args,
+    fit_prompts,
+    load_for_cli,
+    sampling_kwargs,
+    stream,
+)
 
 
 class ChatSession:
@@ -44,21 +51,26 @@ class ChatSession:
                 del self.messages[first]
 
     def reply(self, user: str) -> Iterator[str]:
-        """Stream the assistant's answer to `user`; the answer joins the history once complete."""
+        """Stream the assistant's answer to `user`; the turn (question and answer) joins the history once the
+        answer is complete. A turn that fails or is interrupted (Ctrl-C, the caller stops reading) leaves the
+        history as it was, so the next turn does not follow an unanswered question."""
         before = list(self.messages)
         self.messages.append({"role": "user", "content": user})
-        text = self.prompt()
+        answer, complete = [], False
         try:
+            text = self.prompt()
+            # a message that cannot fit even alone changes nothing
             fit_prompts([self.tokenizer.encode(text)], self.sampling.get("max_new_tokens", 256),
                         self.model.config.max_position_embeddings, self.sampling.get("truncate"))
-        except ValueError:
-            self.messages = before  # a message that cannot fit even alone changes nothing
-            raise
-        answer = []
-        for piece in stream(self.model, self.tokenizer, text, eos_token_ids=self.eos, **self.sampling):
-            answer.append(piece)
-            yield piece
-        self.messages.append({"role": "assistant", "content": "".join(answer).strip()})
+            for piece in stream(self.model, self.tokenizer, text, eos_token_ids=self.eos, **self.sampling):
+                answer.append(piece)
+                yield piece
+            complete = True
+        finally:
+            if complete:
+                self.messages.append({"role": "assistant", "content": "".join(answer).strip()})
+            else:
+                self.messages = before
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -68,6 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--system", default=None, help="system message (default: the template's own, if any)")
     add_sampling_args(p, max_new_tokens=512)
     args = p.parse_args(argv)
+    if not check_sampling_args("smolds chat", args):
+        return 2
     loaded = load_for_cli("smolds chat", args.checkpoint, args)
     if loaded is None:
         return 1
@@ -98,8 +112,10 @@ def main(argv: list[str] | None = None) -> int:
                 sys.stdout.write(piece)
                 sys.stdout.flush()
             sys.stdout.write("\n")
+        except KeyboardInterrupt:  # Ctrl-C stops this answer, not the chat; the turn is dropped
+            print("\n(interrupted)")
         except ValueError as e:
-            print(f"smolds chat: {e}", file=sys.stderr)
+            print(f"smolds chat: error: {e}", file=sys.stderr)
 
 
 if __name__ == "__main__":

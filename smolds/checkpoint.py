@@ -72,14 +72,14 @@ class TextTokenizer:
         file = path / TOKENIZER_FILE if path.is_dir() else path
         if not file.is_file():
             raise CheckpointError(f"no tokenizer at {path}: expected {TOKENIZER_FILE}")
-        config = {}
+        tokenizer = Tokenizer.from_file(str(file))
         cfg_file = file.parent / TOKENIZER_CONFIG_FILE
-        if cfg_file.is_file():
-            config = json.loads(cfg_file.read_text())
+        # a lone tokenizer.json (a prepared data dir's) gets this project's roles: eos <|endoftext|>, ChatML
+        config = json.loads(cfg_file.read_text()) if cfg_file.is_file() else default_tokenizer_config(tokenizer)
         jinja = file.parent / "chat_template.jinja"  # transformers >= 4.50 keeps the template in its own file
         if "chat_template" not in config and jinja.is_file():
             config["chat_template"] = jinja.read_text()
-        return cls(Tokenizer.from_file(str(file)), config)
+        return cls(tokenizer, config)
 
     @classmethod
     def coerce(cls, obj) -> TextTokenizer | None:
@@ -299,8 +299,12 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
         cfg = ModelConfig.from_yaml(root / CONFIG_FILE)
     except ConfigError as e:
         raise CheckpointError(f"checkpoint {root}: bad {CONFIG_FILE}: {e}") from None
-    with safe_open(str(root / WEIGHTS_FILE), framework="pt", device="cpu") as f:
-        state = {k: f.get_tensor(k) for k in f.keys()}
+    try:
+        with safe_open(str(root / WEIGHTS_FILE), framework="pt", device="cpu") as f:
+            state = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # SafetensorError: truncated, or not a safetensors file
+        raise CheckpointError(f"checkpoint {root}: {WEIGHTS_FILE} cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
+                              "it may be truncated: copy or export it again") from None
     saved_dtype = next((v.dtype for k, v in state.items() if v.is_floating_point() and "e_score" not in k), None)
     with torch.device(device):
         model = Transformer(cfg)
@@ -308,7 +312,11 @@ def load_pretrained(path: str | Path, device: str | torch.device = "cpu", dtype:
         dtype = saved_dtype
     if dtype is not None:
         model.to(dtype)  # routers keep their fp32 bias buffers
-    missing, unexpected = model.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+    except RuntimeError as e:  # a tensor of the wrong shape
+        raise CheckpointError(f"checkpoint {root}: {WEIGHTS_FILE} does not match {CONFIG_FILE}: "
+                              f"{str(e).strip().splitlines()[-1].strip()}") from None
     if missing or unexpected:
         raise CheckpointError(f"checkpoint {root}: {WEIGHTS_FILE} does not match {CONFIG_FILE}: "
                               f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, "

@@ -94,16 +94,36 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--batches", type=int, default=None, help="at most this many batches (default: all)")
     p.add_argument("--device", default="cpu")
     args = p.parse_args(argv)
+    for flag, value in (("--batches", args.batches), ("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
+        if value is not None and value < 1:
+            print(f"smolds eval: error: {flag} must be >= 1, got {value}", file=sys.stderr)
+            return 2
+    from smolds.generate import device_error
+
+    if device_error(args.device):
+        print(f"smolds eval: error: {device_error(args.device)}", file=sys.stderr)
+        return 2
     from data_prep.errors import DataError
     from data_prep.mixture import open_windows
     from smolds.checkpoint import load_pretrained
 
     try:
         model, _ = load_pretrained(args.checkpoint, device=args.device)
+        context = model.config.max_position_embeddings
+        if args.seq_len > context:
+            raise ValueError(f"--seq-len {args.seq_len} exceeds the model's context of {context} tokens; "
+                             f"pass --seq-len {context} or less")
         data = open_windows(args.data, split=args.split, seq_len=args.seq_len)
+        if data.vocab_size > model.config.vocab_size:
+            raise ValueError(f"the data's tokenizer has {data.vocab_size} tokens, the model "
+                             f"{model.config.vocab_size}: not this model's data (prepare it with the model's tokenizer)")
     except (FileNotFoundError, ValueError, DataError) as e:
         print(f"smolds eval: error: {e}", file=sys.stderr)
         return 2
     result = evaluate(model, data, args.batches, args.batch_size, torch.device(args.device))
+    if result["tokens"] == 0:
+        print(f"smolds eval: error: the {args.split} split of {args.data} has no window of --seq-len "
+              f"{args.seq_len} tokens; lower --seq-len or use a larger split", file=sys.stderr)
+        return 2
     print(json.dumps(result, indent=1))
     return 0

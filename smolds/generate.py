@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 import sys
 import weakref
 from collections import OrderedDict
@@ -65,7 +66,7 @@ def sample_next(logits: torch.Tensor, temperature: float = 1.0, top_k: int | Non
                 top_p: float | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
     """logits [B, V] -> token ids [B]. temperature 0 is greedy (argmax); otherwise temperature, then top-k,
     then top-p (transformers' order), then one draw from the renormalized distribution."""
-    if temperature < 0:
+    if not temperature >= 0:  # also NaN
         raise ValueError(f"temperature must be >= 0, got {temperature}")
     if temperature == 0:
         return logits.argmax(dim=-1)
@@ -83,6 +84,19 @@ def _generator(device: torch.device, seed: int | None) -> torch.Generator:
 
 
 # ----------------------------------------------------------------------------------------- prompt checks
+def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, top_p: float | None) -> None:
+    """Raise ValueError naming the first sampling setting out of range (flag names in brackets), before any
+    work: a bad value must not be ignored (top_p > 1, top_k < 0) or surface as a tensor error (NaN)."""
+    if max_new_tokens < 0:
+        raise ValueError(f"max_new_tokens (--max-new-tokens) must be >= 0, got {max_new_tokens}")
+    if not (temperature >= 0 and math.isfinite(temperature)):
+        raise ValueError(f"temperature (--temperature) must be a finite number >= 0 (0 = greedy), got {temperature}")
+    if top_k is not None and top_k < 0:
+        raise ValueError(f"top_k (--top-k) must be >= 0 (0 = off), got {top_k}")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise ValueError(f"top_p (--top-p) must be in (0, 1] (1 = off), got {top_p}")
+
+
 def fit_prompts(prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, context: int,
                 truncate: str | None = None) -> list[list[int]]:
     """Check each prompt against the context; with truncate="left", keep the last tokens that fit."""
@@ -178,6 +192,7 @@ def generate_tokens(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: 
     validity mask). compile: also compile that step (implies static; see `compile_mode`); the first call per
     (batch, cache length) compiles, later calls reuse the graph and the cache."""
     cfg = model.config
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     prompts = fit_prompts(prompt_ids, max_new_tokens, cfg.max_position_embeddings, truncate)
     if max_new_tokens == 0:
         return
@@ -247,6 +262,7 @@ def generate_ids_uncached(model, prompt_ids: Sequence[Sequence[int]], max_new_to
                           temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
                           seed: int | None = None, eos_token_ids: Sequence[int] = ()) -> list[list[int]]:
     """The slow reference: no cache, no padding; each row alone, the whole sequence recomputed every step."""
+    check_sampling(max_new_tokens, temperature, top_k, top_p)
     was_training = model.training
     model.eval()
     device = model.embed_tokens.weight.device
@@ -395,6 +411,37 @@ def sampling_kwargs(args) -> dict:
                 top_p=args.top_p, seed=args.seed, stop=args.stop, truncate=args.truncate, compile=args.compile)
 
 
+def device_error(device: str) -> str | None:
+    """Why `--device DEVICE` cannot be used on this machine (None when it can): checked before loading, since
+    torch reports it as a bare AssertionError or RuntimeError from deep inside the model's construction."""
+    try:
+        d = torch.device(device)
+    except (RuntimeError, ValueError):
+        return f"--device {device!r} is not a device; use cpu, cuda or cuda:N"
+    if d.type == "cuda":
+        if not torch.cuda.is_available():
+            return f"--device {device}: CUDA is not available on this machine; use --device cpu"
+        if d.index is not None and d.index >= torch.cuda.device_count():
+            return f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)"
+    if d.type == "mps" and not torch.backends.mps.is_available():
+        return f"--device {device}: MPS is not available on this machine; use --device cpu"
+    return None
+
+
+def check_sampling_args(prog: str, args) -> bool:
+    """False (and a printed one-line error) when a sampling flag is out of range or --device is unusable;
+    checked before loading."""
+    try:
+        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+        problem = device_error(args.device)
+        if problem:
+            raise ValueError(problem)
+    except ValueError as e:
+        print(f"{prog}: error: {e}", file=sys.stderr)
+        return False
+    return True
+
+
 def load_for_cli(prog: str, path: str, args):
     """(model, tokenizer) or a printed one-line error and None."""
     try:
@@ -415,10 +462,18 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("prompts", nargs="+", help="prompt text(s)")
     add_sampling_args(p)
     args = p.parse_args(argv)
+    if not check_sampling_args("smolds generate", args):
+        return 2
     loaded = load_for_cli("smolds generate", args.checkpoint, args)
     if loaded is None:
         return 1
     model, tok = loaded
+    try:  # before the prompt is echoed: an error is then the only output
+        fit_prompts([tok.encode(p) for p in args.prompts], args.max_new_tokens,
+                    model.config.max_position_embeddings, args.truncate)
+    except ValueError as e:
+        print(f"smolds generate: error: {e}", file=sys.stderr)
+        return 1
     try:
         if len(args.prompts) == 1:
             sys.stdout.write(args.prompts[0])

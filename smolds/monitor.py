@@ -630,6 +630,16 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.window < 1:
         p.error("--window must be >= 1")
+    for flag, value in (("--batches", args.batches), ("--batch-size", args.batch_size), ("--seq-len", args.seq_len)):
+        if value < 1:
+            print(f"smolds monitor: error: {flag} must be >= 1, got {value}", file=sys.stderr)
+            return 2
+    if args.data or args.tokens:
+        from smolds.generate import device_error
+
+        if device_error(args.device):
+            print(f"smolds monitor: error: {device_error(args.device)}", file=sys.stderr)
+            return 2
     try:
         if args.data or args.tokens:
             return _checkpoint_main(args)
@@ -649,6 +659,8 @@ def _run_main(args) -> int:
     shown = None
     while True:
         log.poll()
+        if info.total_steps is None:  # --follow started before the trainer wrote run_config.yaml: read it again
+            info = run_info(run_dir)
         if log.rows and log.last_step != shown:
             text, report = render_run(log, out, args.window, info, args.maxvio_threshold)
             shown = log.last_step
@@ -679,6 +691,11 @@ def _checkpoint_main(args) -> int:
     if args.data:
         from data_prep.mixture import open_windows
 
+        if args.seq_len > model.config.max_position_embeddings:
+            print(f"smolds monitor: error: --seq-len {args.seq_len} exceeds the model's context of "
+                  f"{model.config.max_position_embeddings} tokens; pass --seq-len "
+                  f"{model.config.max_position_embeddings} or less", file=sys.stderr)
+            return 2
         try:
             data = open_windows(args.data, split=args.split, seq_len=args.seq_len)
         except (FileNotFoundError, ValueError, DataError) as e:

@@ -7,6 +7,7 @@ so `--train.lr 3e-3`, `--model.attention_pattern [linear,mla]` and `--logging.wa
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
@@ -99,6 +100,12 @@ class RunConfig(YamlDataclass):
 
     def validate(self):
         t, d = self.train, self.deepspeed
+        for section, name in (("data", "dir"), ("train", "out_dir"), ("train", "init_from")):
+            v = getattr(getattr(self, section), name)
+            if isinstance(v, int) and not isinstance(v, bool):  # YAML reads a path like 2024 as a number
+                setattr(getattr(self, section), name, str(v))
+        if not isinstance(t.out_dir, str) or not t.out_dir:
+            raise ConfigError(f"train.out_dir: must be a directory path, got {t.out_dir!r}")
         for name in ("steps", "seq_len", "micro_batch", "grad_accum", "log_every", "eval_every",
                      "checkpoint_every", "keep_checkpoints", "eval_batches", "max_nonfinite_steps"):
             if not isinstance(getattr(t, name), int) or getattr(t, name) <= 0:
@@ -117,6 +124,29 @@ class RunConfig(YamlDataclass):
             raise ConfigError(f"train.dtype: unknown {t.dtype!r}; allowed: auto, bf16, fp32")
         if not 0 <= t.decay_fraction <= 1:
             raise ConfigError("train.decay_fraction: must be in [0, 1]")
+        for name, lo, hi, rule in (("lr", 0, math.inf, ">= 0"), ("min_lr_ratio", 0, 1, "in [0, 1]"),
+                                   ("weight_decay", 0, math.inf, ">= 0"), ("grad_clip", 0, math.inf, ">= 0"),
+                                   ("beta1", 0, 1, "in [0, 1)"), ("beta2", 0, 1, "in [0, 1)"),
+                                   ("eps", 0, math.inf, "> 0")):
+            v = getattr(t, name)
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi and math.isfinite(v)
+            if not ok or (name in ("beta1", "beta2") and v == 1) or (name == "eps" and v == 0):
+                raise ConfigError(f"train.{name}: must be a number {rule}, got {v!r}")
+        for name in ("warmup_steps", "seed"):
+            if isinstance(getattr(t, name), bool) or not isinstance(getattr(t, name), int) or getattr(t, name) < 0:
+                raise ConfigError(f"train.{name}: must be an integer >= 0, got {getattr(t, name)!r}")
+        if not isinstance(self.eval.prompts, list) or not all(isinstance(x, str) for x in self.eval.prompts):
+            raise ConfigError(f"eval.prompts: must be a list of strings, got {self.eval.prompts!r}; "
+                              "e.g. --eval.prompts '[\"The \", \"def \"]'")
+        if isinstance(self.eval.sample_tokens, bool) or not isinstance(self.eval.sample_tokens, int) \
+                or self.eval.sample_tokens < 0:
+            raise ConfigError(f"eval.sample_tokens: must be an integer >= 0, got {self.eval.sample_tokens!r}")
+        if not isinstance(d.config, dict):
+            raise ConfigError(f"deepspeed.config: must be a mapping of raw DeepSpeed settings, got {d.config!r}; "
+                              "e.g. --deepspeed.config '{zero_optimization: {overlap_comm: true}}'")
+        if not isinstance(self.data.dir, (str, dict)):
+            raise ConfigError(f"data.dir: must be a directory or a {{directory: weight}} mapping, got "
+                              f"{self.data.dir!r}; e.g. --data.dir data/mine or --data.dir '{{data/a: 0.7, data/b: 0.3}}'")
         if d.zero_stage not in (0, 1, 2, 3):
             raise ConfigError(f"deepspeed.zero_stage: must be 0, 1, 2 or 3, got {d.zero_stage!r}")
         if not isinstance(d.ep_size, int) or d.ep_size <= 0:
@@ -137,6 +167,9 @@ class RunConfig(YamlDataclass):
 
     @classmethod
     def from_dict(cls, d: dict) -> RunConfig:
+        if not isinstance(d, (dict, type(None))):
+            raise ConfigError(f"a run config is a mapping of sections (model, {', '.join(SECTIONS)}), "
+                              f"got a {type(d).__name__}; see configs/*.yaml for examples")
         d = dict(d or {})
         unknown = sorted(set(d) - {"model", *SECTIONS})
         if unknown:
@@ -146,6 +179,9 @@ class RunConfig(YamlDataclass):
             kwargs["model"] = d["model"]
         for name, section_cls in SECTIONS.items():
             values = d.get(name) or {}
+            if not isinstance(values, dict):
+                raise ConfigError(f"{name}: must be a mapping of fields, got {values!r}; "
+                                  f"e.g. {name}: {{field: value}} in YAML, or --{name}.FIELD VALUE")
             known = {f.name for f in fields(section_cls)}
             bad = sorted(set(values) - known)
             if bad:
@@ -160,7 +196,16 @@ class RunConfig(YamlDataclass):
             path = Path(path)
             if not path.is_file():
                 raise ConfigError(f"run config {path} does not exist; see configs/*.yaml for examples")
-            d = yaml.safe_load(path.read_text()) or {}
+            try:
+                d = yaml.safe_load(path.read_text()) or {}
+            except yaml.YAMLError as e:
+                where = getattr(e, "problem_mark", None)
+                at = f" at line {where.line + 1}" if where is not None else ""
+                raise ConfigError(f"run config {path} is not valid YAML{at} ({getattr(e, 'problem', None) or e}); "
+                                  "fix the file") from None
+            if not isinstance(d, dict):
+                raise ConfigError(f"run config {path} holds a {type(d).__name__}, not a mapping of sections "
+                                  f"(model, {', '.join(SECTIONS)}); see configs/*.yaml for examples")
         return cls.from_dict(apply_overrides(d, overrides or []))
 
 
@@ -170,6 +215,20 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
     i = 0
     while i < len(overrides):
         arg = overrides[i]
+        if arg == "--model" or arg.startswith("--model="):  # the whole model: a preset or a YAML
+            key, eq, value = arg[2:].partition("=")
+            if not eq:
+                if i + 1 >= len(overrides):
+                    raise ConfigError("override --model needs a value: a preset name or a model YAML, e.g. --model tiny")
+                value = overrides[i + 1]
+                i += 1
+            i += 1
+            try:
+                parsed = yaml.safe_load(value)
+            except yaml.YAMLError:
+                parsed = None
+            d["model"] = parsed if isinstance(parsed, dict) else value  # {preset: tiny, ...} or a name/path
+            continue
         if not arg.startswith("--") or "." not in arg:
             raise ConfigError(f"unexpected argument {arg!r}; overrides look like --train.lr 3e-3")
         key, eq, value = arg[2:].partition("=")
@@ -180,7 +239,11 @@ def apply_overrides(d: dict, overrides: list[str]) -> dict:
             i += 1
         i += 1
         section, _, name = key.partition(".")
-        parsed = yaml.safe_load(value) if value != "" else ""
+        try:
+            parsed = yaml.safe_load(value) if value != "" else ""
+        except yaml.YAMLError as e:
+            raise ConfigError(f"override --{key}: {value!r} is not a valid YAML value "
+                              f"({getattr(e, 'problem', None) or 'parse error'}); quote it or fix the brackets") from None
         if section == "model":
             model = d.get("model", "tiny")
             if not isinstance(model, dict):

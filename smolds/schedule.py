@@ -28,3 +28,18 @@ def lr_at(step: int, *, lr: float, steps: int, warmup_steps: int, schedule: str 
         progress = min((step - warmup_steps) / max(1, steps - warmup_steps), 1.0)
         return min_lr + 0.5 * (lr - min_lr) * (1 + math.cos(math.pi * progress))
     raise ValueError(f"unknown schedule {schedule!r}; allowed: wsd, cosine")
+
+
+
+def schedule_warning(*, steps: int, warmup_steps: int, schedule: str = "wsd", decay_fraction: float = 0.2) -> str | None:
+    """A line for the log when the warmup does not end before the decay begins (a short run with a long
+    warmup): no stable phase, and the lr either never reaches its peak or jumps down onto the decay line."""
+    decay_start = steps - int(round(steps * decay_fraction)) if schedule == "wsd" else steps
+    if warmup_steps <= decay_start:
+        return None
+    fix = f"lower --train.warmup_steps to at most {decay_start} for this run"
+    if warmup_steps >= steps:
+        return (f"warning: train.warmup_steps {warmup_steps} >= train.steps {steps}: the lr never reaches "
+                f"train.lr and never decays; {fix}")
+    return (f"warning: train.warmup_steps {warmup_steps} runs into the decay, which starts at step {decay_start} "
+            f"of {steps}: the lr jumps down from the warmup ramp at step {warmup_steps}; {fix}")

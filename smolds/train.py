@@ -42,7 +42,7 @@ from smolds.model.moe import MoE, RoutedExperts, routers, update_router_biases
 from smolds.model.transformer import Transformer
 from smolds.monitor import RoutingMonitor
 from smolds.run_config import DEFAULT_DATA_DIR, RunConfig
-from smolds.schedule import lr_at
+from smolds.schedule import lr_at, schedule_warning
 
 EXIT_PREEMPTED = 75
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "A100": 312.0}  # dense bf16, for MFU
@@ -82,6 +82,9 @@ def load_data(cfg: RunConfig, model_cfg: ModelConfig, env: parallel.Env):
                 raise failed
         train = TokenWindows(data_dir, split="train", **common)
         val = TokenWindows(data_dir, split="val", **common)
+    if not Path(train.tokenizer_path).is_file():  # samples and checkpoints need it: fail now, not at the first eval
+        raise TrainError(f"{train.tokenizer_path} is missing; the prepared data is incomplete: run "
+                         f"`smolds prep --verify {Path(train.tokenizer_path).parent}`, then re-create it")
     if train.vocab_size > model_cfg.vocab_size:
         raise TrainError(f"the data's tokenizer has {train.vocab_size} tokens but model.vocab_size is "
                          f"{model_cfg.vocab_size}; set --model.vocab_size {train.vocab_size} or re-prepare the data")
@@ -89,6 +92,12 @@ def load_data(cfg: RunConfig, model_cfg: ModelConfig, env: parallel.Env):
 
 
 def _no_shards(data_dir: Path) -> str:
+    if data_dir.is_file():
+        return (f"data.dir {data_dir} is a file; give the directory `smolds prep --out` wrote "
+                f"(the one holding manifest.json), e.g. --data.dir {data_dir.parent}")
+    if (data_dir / "progress.json").is_file():
+        return (f"data.dir {data_dir} holds an unfinished prep run (progress.json, no manifest.json); rerun the "
+                "same `smolds prep` command to finish it")
     return f"data.dir {data_dir} holds no shards (no manifest.json); run `smolds prep SOURCES --out {data_dir}` first"
 
 
@@ -140,7 +149,12 @@ def check_out_dir(cfg: RunConfig, resume: bool):
     if not resume and (out / "checkpoints" / "latest").exists():
         raise TrainError(f"train.out_dir {out} already holds a run; pass --resume to continue it, or choose "
                          "another --train.out_dir")
-    old = RunConfig.load(saved)
+    try:
+        old = RunConfig.load(saved)
+    except ConfigError as e:
+        raise TrainError(f"train.out_dir {out} holds a run whose {saved.name} cannot be read "
+                         f"({str(e).removesuffix('; fix the file')}); fix that file, or choose another "
+                         "--train.out_dir") from None
     if resume and old.model_config() != cfg.model_config():
         raise TrainError(f"train.out_dir {out} holds a run with a different model; choose another --train.out_dir")
 
@@ -284,12 +298,17 @@ def _grad_norm(model, ep_group) -> float:
 def train(cfg: RunConfig, resume: bool = False) -> dict:
     """Run (or resume) a pretraining run; returns a summary (first/last loss, val loss/ppl, paths)."""
     preempt = Preemption()  # before the slow setup below: a stop signal during it is kept, not fatal
+    if cfg.train.device == "cuda" and not torch.cuda.is_available():
+        raise TrainError("train.device is cuda but no GPU is visible; use --train.device cpu (or auto)")
     env = parallel.init(cfg.train.device)
     model_cfg = cfg.model_config()
     check_batch(cfg, env, model_cfg)
     check_out_dir(cfg, resume)  # every rank reads the same files: all raise together, none waits in a collective
     t = cfg.train
     out_dir, ckpt_root = Path(t.out_dir), Path(t.out_dir) / "checkpoints"
+    latest = ckpt.latest_checkpoint(ckpt_root) if resume else None  # before the slow setup: refuse a bad one early
+    if latest is not None:
+        check_layout(ckpt.read_trainer_state(latest).get("layout"), layout(cfg, env), latest)
     bf16 = t.dtype == "bf16" or (t.dtype == "auto" and env.device.type == "cuda")
     train_data, val_data = load_data(cfg, model_cfg, env)
 
@@ -302,12 +321,14 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
     model = engine.module
 
     start_step, state = 0, {}
-    latest = ckpt.latest_checkpoint(ckpt_root) if resume else None
     if latest is not None:
-        check_layout(ckpt.read_trainer_state(latest).get("layout"), layout(cfg, env), latest)
         state = ckpt.load(engine, model, latest, ep_group)
         start_step = state["step"]
-        train_data.load_state_dict(state["data"])
+        try:
+            train_data.load_state_dict(state["data"])
+        except DataError as e:  # name the flag for the readers' "start afresh" fix
+            msg = str(e).replace("start the data from the beginning", "start a new run from the weights")
+            raise TrainError(f"{msg} (--train.init_from {latest})") from None
     if preempt.requested(env.device):
         # Stopped before the first step: the run is exactly where its last checkpoint (or the fresh start)
         # left it, so exit 75 without saving; --resume starts from the same place and nothing is lost.
@@ -338,6 +359,10 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
                  f"{'bf16' if bf16 else 'fp32'} on {env.device.type}, "
                  f"{'resumed from ' + str(latest) if latest else 'fresh start'}")
 
+    warning = schedule_warning(steps=t.steps, warmup_steps=t.warmup_steps, schedule=t.schedule,
+                               decay_fraction=t.decay_fraction)
+    if warning and start_step == 0:
+        log.log_text(warning)
     tokens_per_step = t.micro_batch * t.grad_accum * env.world * t.seq_len
     flops_per_token = whole.flops_per_token(t.seq_len)
     peak = next((v for k, v in PEAK_TFLOPS.items() if env.device.type == "cuda" and k in torch.cuda.get_device_name()), None)
@@ -466,7 +491,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = RunConfig.load(args.config, overrides)
         summary = train(cfg, resume=args.resume)
-    except (ConfigError, TrainError, DataError) as e:
+    except (ConfigError, TrainError, DataError, ckpt.ResumeError) as e:
         print(f"smolds train: error: {e}", file=sys.stderr)
         return 2
     if summary.get("preempted"):

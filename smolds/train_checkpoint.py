@@ -29,11 +29,33 @@ import torch
 import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
+from data_prep.errors import first_line
 from data_prep.pack import write_atomic
 from smolds.model.moe import RoutedExperts, routers
 from smolds.parallel import barrier
 
 STATE_FILE = "trainer_state.json"
+
+
+class ResumeError(RuntimeError):
+    """A checkpoint that cannot be resumed (named by `latest` but missing, or damaged); the message names the fix."""
+
+
+def _why(e: BaseException) -> str:
+    """A library exception in a few words: its type and the start of its first line."""
+    line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    line = line if len(line) <= 100 else line[:100].rsplit(" ", 1)[0] + " ..."
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__
+
+
+def _fix(ckpt_root: Path, bad: Path | None = None) -> str:
+    """How to go on: the newest other complete checkpoint (to name in `latest`), else a new out_dir."""
+    done = sorted(p for p in Path(ckpt_root).glob("step_*")
+                  if p.is_dir() and not p.name.endswith(".tmp") and p != bad and (p / STATE_FILE).is_file())
+    if done:
+        return (f"write the name of an intact one into {Path(ckpt_root) / 'latest'} (e.g. `echo {done[-1].name} > "
+                f"{Path(ckpt_root) / 'latest'}`), or start over in another --train.out_dir")
+    return "start over in another --train.out_dir"
 
 
 def rng_state() -> dict:
@@ -92,8 +114,14 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     f = Path(ckpt_root) / "latest"
     if not f.is_file():
         return None
-    path = Path(ckpt_root) / f.read_text().strip()
-    return path if (path / STATE_FILE).is_file() else None
+    name = f.read_text().strip()
+    path = Path(ckpt_root) / name
+    if not name or not (path / STATE_FILE).is_file():
+        # `latest` is written only after its checkpoint is complete: a missing one was removed or damaged
+        # by hand. Starting afresh would silently overwrite the run, so refuse.
+        raise ResumeError(f"{f} names {name!r}, which is not a complete checkpoint (no {path / STATE_FILE}); "
+                          + _fix(ckpt_root, path))
+    return path
 
 
 def save(engine, model, ckpt_root: Path, step: int, trainer_state: dict, *, is_main: bool, ep_group=None,
@@ -130,25 +158,41 @@ def save(engine, model, ckpt_root: Path, step: int, trainer_state: dict, *, is_m
 
 
 def read_trainer_state(path: Path) -> dict:
-    return json.loads((Path(path) / STATE_FILE).read_text())
+    try:
+        state = json.loads((Path(path) / STATE_FILE).read_text())
+    except (OSError, ValueError) as e:
+        raise ResumeError(f"{Path(path) / STATE_FILE} cannot be read ({first_line(e)}); the checkpoint is damaged: "
+                          + _fix(Path(path).parent, Path(path))) from None
+    if not isinstance(state, dict) or not isinstance(state.get("step"), int) or "rng" not in state:
+        raise ResumeError(f"{Path(path) / STATE_FILE} lacks the step or RNG state; the checkpoint is damaged: "
+                          + _fix(Path(path).parent, Path(path)))
+    return state
 
 
 def load(engine, model, path: Path, ep_group=None) -> dict:
     """Restore engine (weights, optimizer shards) and return the trainer state; biases and RNG restored."""
     path = Path(path)
     tag = path.name
-    load_path, _ = engine.load_checkpoint(str(path), tag=tag, load_module_strict=True)
+    state = read_trainer_state(path)  # first: a damaged one is refused before DeepSpeed reads anything
+    try:
+        load_path, _ = engine.load_checkpoint(str(path), tag=tag, load_module_strict=True)
+    except Exception as e:  # a truncated or missing file surfaces as assorted torch/DeepSpeed errors
+        raise ResumeError(f"checkpoint {path} cannot be loaded ({_why(e)}); it is damaged or not this model's: "
+                          + _fix(path.parent, path)) from None
     if load_path is None:
-        raise RuntimeError(f"DeepSpeed could not load the checkpoint in {path}; it may be incomplete or from "
-                           "another run: pass another --train.out_dir or delete it")
+        raise ResumeError(f"DeepSpeed could not load the checkpoint in {path}; it may be incomplete or from "
+                          "another run: " + _fix(path.parent, path))
     if ep_group is not None:
         ep_rank = dist.get_rank(ep_group)
-        shard = load_file(str(path / f"experts_ep{ep_rank}.safetensors"))
+        try:
+            shard = load_file(str(path / f"experts_ep{ep_rank}.safetensors"))
+        except Exception as e:  # missing (OSError) or truncated (SafetensorError)
+            raise ResumeError(f"checkpoint {path}: experts_ep{ep_rank}.safetensors cannot be read "
+                              f"({_why(e)}); it is damaged: " + _fix(path.parent, path)) from None
         params = dict(model.named_parameters())
         with torch.no_grad():
             for key, value in shard.items():
                 params[key].copy_(value)
-    state = read_trainer_state(path)
     named = dict(model.named_modules())
     with torch.no_grad():
         for name, values in state.get("router_biases", {}).items():

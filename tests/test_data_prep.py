@@ -295,6 +295,9 @@ def test_bad_inputs(tmp_path, corpus):
         prepare(corpus, tmp_path / "notes", progress=False)
     with pytest.raises(DataError, match=r"has no manifest.json; run `smolds prep"):
         TokenWindows(tmp_path / "notes")
+    (tmp_path / "a_file").write_text("x")
+    with pytest.raises(DataError, match=r"--out .*a_file/out: cannot create it \(Not a directory\); choose a writable"):
+        prepare(corpus, tmp_path / "a_file" / "out", progress=False)
 
 
 def test_cli_prep_and_errors(tmp_path, corpus, capsys):

@@ -152,7 +152,7 @@ def test_decode_step_logits_equal_the_cached_forward(kind):
 def test_decode_step_traces_as_one_graph_with_the_compiled_moe_forms(monkeypatch):
     """torch.compile's tracer (backend "eager": no code generation, fast) takes the whole step without a
     graph break, for every attention kind, and the MoE forms it selects when compiling (gathered experts at
-    N*K <= E, the opaque loop op above) give the eager path's tokens."""
+    N*K <= E, the sorted grouped dispatch above) give the eager path's tokens."""
     import smolds.generate as gen
 
     model = tiny_model(["mla", "linear", "gqa"], num_hidden_layers=3)
@@ -334,3 +334,83 @@ def test_load_errors_are_one_line(tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(CheckpointError, match="no config.yaml"):
         load_pretrained(tmp_path / "empty")
+
+
+@pytest.mark.parametrize("kw, message", [
+    (dict(top_p=1.5), r"top_p \(--top-p\) must be in \(0, 1\]"),
+    (dict(top_p=-0.5, temperature=0), r"top_p \(--top-p\) must be in \(0, 1\]"),  # even when greedy
+    (dict(top_k=-3), r"top_k \(--top-k\) must be >= 0"),
+    (dict(temperature=float("nan")), "temperature"),
+    (dict(temperature=float("inf")), "temperature"),
+])
+def test_sampling_settings_out_of_range_are_refused(kw, message):
+    model = tiny_model(["mla"])
+    with pytest.raises(ValueError, match=message):
+        generate_ids(model, PROMPTS[:1], 4, **kw)
+    with pytest.raises(ValueError, match=message):
+        generate_ids_uncached(model, PROMPTS[:1], 4, **kw)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--top-p", "1.5"], "top_p (--top-p) must be in (0, 1]"),
+    (["--top-k", "-1"], "top_k (--top-k) must be >= 0"),
+    (["--temperature", "nan"], "temperature (--temperature) must be a finite number >= 0"),
+    (["--max-new-tokens", "-2"], "max_new_tokens (--max-new-tokens) must be >= 0"),
+    (["--max-new-tokens", "250"], "exceeds the model's context of 256 tokens"),  # the prompt does not fit
+    (["--device", "gpu"], "--device 'gpu' is not a device; use cpu, cuda or cuda:N"),
+])
+def test_cli_bad_input_prints_one_line_and_no_prompt(tmp_path, capsys, flags, message):
+    """The single-prompt command echoes the prompt before streaming: a bad flag or a prompt that does not fit
+    must be refused before that, so the error is the only output (and exactly one line)."""
+    from smolds.chat import main as chat_main
+    from smolds.generate import main as generate_main
+
+    save_pretrained(tiny_model(["mla"], max_position_embeddings=256), tmp_path / "ckpt", byte_tokenizer())
+    assert generate_main([str(tmp_path / "ckpt"), "a prompt of some length", *flags]) != 0
+    out, err = capsys.readouterr()
+    assert out == "" and message in err and err.count("\n") == 1
+    if "context" not in message:  # chat refuses a bad flag at start, not once per message
+        assert chat_main([str(tmp_path / "ckpt"), *flags]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and message in err and err.count("\n") == 1
+
+
+def test_chat_turn_interrupted_or_failed_leaves_the_history_unchanged(tmp_path, capsys, monkeypatch):
+    from smolds.chat import ChatSession
+    from smolds.chat import main as chat_main
+
+    model, tok = tiny_model(["mla"], max_position_embeddings=256), byte_tokenizer()
+    session = ChatSession(model, tok, max_new_tokens=6, temperature=0)
+    first = "".join(session.reply("hello"))
+    history = list(session.messages)
+    pieces = session.reply("second")
+    next(pieces)
+    pieces.close()  # the caller stopped reading (Ctrl-C in the terminal)
+    assert session.messages == history  # no unanswered "second" left behind
+    assert "".join(session.reply("hello again"))  # and the next turn works
+
+    # The command: Ctrl-C while an answer streams drops that turn and keeps the chat going.
+    save_pretrained(model, tmp_path / "ckpt", tok)
+    import smolds.chat as chat_module
+
+    real_stream, calls = chat_module.stream, []
+
+    def interrupted_once(*a, **k):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        yield from real_stream(*a, **k)
+
+    monkeypatch.setattr(chat_module, "stream", interrupted_once)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hi\nhello\n/quit\n"))
+    assert chat_main([str(tmp_path / "ckpt"), "--max-new-tokens", "6", "--temperature", "0"]) == 0
+    assert capsys.readouterr().out == f"\n(interrupted)\n{first}\n"
+
+
+def test_unavailable_device_is_named_before_loading(monkeypatch):
+    from smolds.generate import device_error
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert device_error("cpu") is None
+    assert "CUDA is not available on this machine; use --device cpu" in device_error("cuda")
+    assert "is not a device" in device_error("gpu:0")

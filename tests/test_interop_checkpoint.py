@@ -127,6 +127,15 @@ def test_errors(tmp_path):
     (tmp_path / "ck3" / "config.yaml").write_text(tiny(num_hidden_layers=3).config.to_yaml())
     with pytest.raises(CheckpointError, match="does not match config.yaml: missing .*layers.2"):
         load_pretrained(tmp_path / "ck3")
+    save_pretrained(tiny(), tmp_path / "ck4")
+    (tmp_path / "ck4" / "config.yaml").write_text(tiny(hidden_size=48).config.to_yaml())
+    with pytest.raises(CheckpointError, match="does not match config.yaml: size mismatch"):
+        load_pretrained(tmp_path / "ck4")
+    save_pretrained(tiny(), tmp_path / "ck5")
+    weights = (tmp_path / "ck5" / "model.safetensors").read_bytes()
+    (tmp_path / "ck5" / "model.safetensors").write_bytes(weights[: len(weights) // 2])  # an interrupted copy
+    with pytest.raises(CheckpointError, match="model.safetensors cannot be read .*truncated"):
+        load_pretrained(tmp_path / "ck5")
     with pytest.raises(TypeError, match="Transformer"):
         save_pretrained(torch.nn.Linear(2, 2), tmp_path / "x")
 
@@ -137,6 +146,8 @@ def test_tokenizer_coerce(tmp_path):
     t = TextTokenizer.coerce(raw)
     assert TextTokenizer.coerce(t) is t and t.vocab_size == 259
     raw.save(str(tmp_path / "tokenizer.json"))
-    assert TextTokenizer.coerce(tmp_path / "tokenizer.json").encode("ab") == t.encode("ab")
+    lone = TextTokenizer.coerce(tmp_path / "tokenizer.json")  # a data dir's lone tokenizer.json
+    assert lone.encode("ab") == t.encode("ab")
+    assert lone.config == t.config and lone.eos_token == "<|endoftext|>"  # this project's roles, as coerce(raw)
     with pytest.raises(CheckpointError, match="no tokenizer"):
         TextTokenizer.load(tmp_path / "missing")

@@ -93,6 +93,87 @@ def test_import_refuses_pickles_and_unknown_models(tmp_path):
         import_hf(tmp_path)
 
 
+def _tiny_llama_dir(path):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                 num_attention_heads=2, num_key_value_heads=1)).save_pretrained(path)
+    return path
+
+
+def test_import_of_damaged_files_is_a_one_line_error(tmp_path, capsys):
+    src = _tiny_llama_dir(tmp_path / "hf")
+    capsys.readouterr()  # transformers' progress bar
+    weights = (src / "model.safetensors").read_bytes()
+    (src / "model.safetensors").write_bytes(weights[: len(weights) // 2])  # an interrupted download
+    with pytest.raises(InteropError, match="model.safetensors is not a readable safetensors file.*truncated"):
+        import_hf(src)
+    assert interop_main(["import-hf", str(src), str(tmp_path / "ck")]) == 1
+    err = capsys.readouterr().err
+    assert "not a readable safetensors file" in err and err.count("\n") == 1
+    (src / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"a": "part-1.safetensors"}}))
+    with pytest.raises(InteropError, match="part-1.safetensors .listed in model.safetensors.index.json. is missing"):
+        import_hf(src)
+    (src / "config.json").write_text("{not json")
+    with pytest.raises(InteropError, match="config.json is not valid JSON"):
+        import_hf(src)
+
+
+def test_outputs_that_hold_other_files_are_refused_not_deleted(tmp_path, capsys):
+    """export-hf / import-hf replace OUT as a whole: an OUT holding anything they did not write (a run
+    directory, notes, the source itself) is refused and left as it was; a previous output is replaced."""
+    model = Transformer(mla_moe_config()).eval()
+    run = tmp_path / "run"
+    save_pretrained(model, run / "checkpoints" / "step_1" / "consolidated", byte_tokenizer())
+    (run / "checkpoints" / "latest").write_text("step_1")
+    (run / "metrics.jsonl").write_text("{}\n")
+    before = sorted(p.relative_to(run) for p in run.rglob("*"))
+    _tiny_llama_dir(tmp_path / "hf")
+    capsys.readouterr()  # transformers' progress bar
+
+    def refused(args, message):
+        assert interop_main(args) == 1
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err
+
+    refused(["export-hf", str(run), str(run)], "would replace the source")
+    refused(["export-hf", str(run / "checkpoints" / "step_1"), str(run)], "would replace the source")
+    refused(["import-hf", str(tmp_path / "hf"), str(run)], "holds other files (checkpoints/")
+    refused(["import-hf", str(tmp_path / "hf"), str(tmp_path / "hf")], "would replace the source")
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    refused(["export-hf", str(run), str(tmp_path / "notes")], "holds other files (todo.txt)")
+    (tmp_path / "file").write_text("x")
+    refused(["export-hf", str(run), str(tmp_path / "file")], "is a file")
+    assert sorted(p.relative_to(run) for p in run.rglob("*")) == before
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+    assert (tmp_path / "hf" / "config.json").is_file()
+    # A previous export (or an empty directory) is replaced.
+    assert interop_main(["export-hf", str(run), str(tmp_path / "out")]) == 0
+    assert interop_main(["export-hf", str(run), str(tmp_path / "out")]) == 0
+    (tmp_path / "empty").mkdir()
+    assert interop_main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "empty")]) == 0
+    assert interop_main(["import-hf", str(tmp_path / "hf"), str(tmp_path / "empty")]) == 0
+
+
+def test_export_names_the_eos_that_ends_our_generation(tmp_path):
+    """A trained run's checkpoint has no eos_token in tokenizer_config.json (the data dir has only
+    tokenizer.json); smolds generation stops at <|endoftext|> (id 0) anyway, so the export must tell
+    transformers the same, or its generate never stops and AutoTokenizer has no eos_token."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    byte_tokenizer().save(str(tmp_path / "tokenizer.json"))
+    tok = TextTokenizer.load(tmp_path / "tokenizer.json")  # a data dir's lone tokenizer.json
+    assert tok.eos_token_ids == [0]
+    export_hf(Transformer(mla_moe_config()).eval(), tmp_path / "hf", tok)
+    assert json.loads((tmp_path / "hf" / "config.json").read_text())["eos_token_id"] == 0
+    assert GenerationConfig.from_pretrained(tmp_path / "hf").eos_token_id == 0
+    hf_tok = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert (hf_tok.eos_token, hf_tok.eos_token_id) == ("<|endoftext|>", 0)
+    _, back = import_hf(tmp_path / "hf")
+    assert back.eos_token_ids == [0]
+
+
 # ------------------------------------------------------------------------------------------- DeepseekV3 out
 def mla_moe_config(**kw) -> ModelConfig:
     base = dict(vocab_size=300, hidden_size=64, num_hidden_layers=3, max_position_embeddings=128,

@@ -166,6 +166,33 @@ def test_follow_reads_a_growing_log_and_stops_when_the_run_ends(tmp_path, capsys
     assert rc == 0 and "last logged step 2 of 4" in out and "last logged step 4 of 4" in out
 
 
+def test_follow_started_before_the_trainer_reads_its_config_and_stops(tmp_path, capsys):
+    """`smolds monitor RUN --follow` launched together with the trainer: run_config.yaml appears after the
+    monitor started; it must still learn the planned steps (and stop) and the MoE layer indices."""
+    src, run = tmp_path / "src", tmp_path / "run"
+    simulated_run(src, steps=4, log_every=1)
+
+    def writer():
+        time.sleep(0.3)
+        run.mkdir()
+        (run / "run_config.yaml").write_text((src / "run_config.yaml").read_text())
+        (run / "metrics.jsonl").write_text((src / "metrics.jsonl").read_text())
+
+    t = threading.Thread(target=writer)
+    t.start()
+    result = {}
+    follower = threading.Thread(target=lambda: result.setdefault("rc", monitor.main(
+        [str(run), "--follow", "--interval", "0.1", "--out", str(tmp_path / "rep")])), daemon=True)
+    follower.start()
+    follower.join(timeout=60)
+    t.join()
+    assert not follower.is_alive(), "--follow never stopped: the planned steps were never read"
+    out = capsys.readouterr().out
+    layer_ids = monitor.run_info(run).layer_ids
+    assert result["rc"] == 0 and "last logged step 4 of 4" in out
+    assert [int(line.split()[0]) for line in out.splitlines()[-len(layer_ids) - 1:-1]] == layer_ids
+
+
 def test_a_resumed_run_keeps_one_row_per_step(tmp_path):
     run = tmp_path / "run"
     simulated_run(run, steps=4, log_every=1)
@@ -175,3 +202,16 @@ def test_a_resumed_run_keeps_one_row_per_step(tmp_path):
     log = monitor.RunLog(run)
     log.poll()
     assert sorted(log.rows) == [1, 2, 3] and log.rows[3].counts.sum() == 16
+
+
+def test_bad_numbers_for_a_checkpoint_are_one_line_errors(tmp_path, capsys):
+    from smolds.checkpoint import save_pretrained
+
+    cfg = RunConfig.load(None, ["--model.num_hidden_layers", "3", "--model.vocab_size", "256"]).model_config()
+    save_pretrained(Transformer(cfg).eval(), tmp_path / "ck")
+    for flags, message in [(["--batches", "0"], "--batches must be >= 1, got 0"),
+                           (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+                           (["--seq-len", str(cfg.max_position_embeddings + 1)], "exceeds the model's context")]:
+        assert monitor.main([str(tmp_path / "ck"), "--data", "anything", *flags]) == 2
+        err = capsys.readouterr().err
+        assert message in err and err.count("\n") == 1, err

@@ -250,3 +250,64 @@ def test_resume_with_another_layout_is_refused_and_init_from_starts_over(data_di
                   "--train.init_from", str(out)))
     with pytest.raises(TrainError, match="train.init_from"):
         train(cfg(data_dir, tmp_path / "none", "--train.steps", "1", "--train.init_from", str(tmp_path / "missing")))
+
+
+def test_damaged_checkpoints_are_refused_in_one_line(data_dir, tmp_path, capsys):
+    """--resume never starts afresh over a run, nor dies in a traceback, when `latest` or its checkpoint is damaged."""
+    from smolds.train import main
+
+    out = tmp_path / "run"
+    train(cfg(data_dir, out, "--train.steps", "2", "--train.eval_every", "100", "--train.checkpoint_every", "1"))
+    root = out / "checkpoints"
+    args = [*TINY, "--data.dir", str(data_dir), "--train.out_dir", str(out), "--train.steps", "3", "--resume"]
+
+    def refused(message):
+        capsys.readouterr()
+        assert main(args) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith("smolds train: error:"), err
+        assert message in err[0], err[0]
+        assert sorted(p.name for p in root.glob("step_*")) == ["step_0000001", "step_0000002"]  # nothing new
+        return err[0]
+
+    (root / "latest").write_text("step_0000009")  # e.g. removed by hand: was a silent fresh start over the run
+    assert "echo step_0000002 > " in refused("names 'step_0000009', which is not a complete checkpoint")
+    (root / "latest").write_text("step_0000002")
+    state = root / "step_0000002" / "trainer_state.json"
+    good = state.read_bytes()
+    state.write_bytes(good[:20])
+    assert "echo step_0000001 > " in refused("trainer_state.json cannot be read")
+    state.write_bytes(good)
+    weights = next((root / "step_0000002").rglob("mp_rank_00_model_states.pt"))
+    weights.write_bytes(weights.read_bytes()[:1000])
+    assert "echo step_0000001 > " in refused("checkpoint " + str(root / "step_0000002") + " cannot be loaded")
+    (root / "latest").write_text("step_0000001")  # the way out the message gives
+    assert train(cfg(data_dir, out, "--train.steps", "2", "--train.eval_every", "100"), resume=True)["step"] == 2
+    # Another seed cannot continue the data position: the fix is a flag the trainer has.
+    with pytest.raises(TrainError, match=r"seed=0, this reader has 1.*start a new run from the weights "
+                                         r"\(--train.init_from .*step_0000002\)"):
+        train(cfg(data_dir, out, "--train.steps", "3", "--train.seed", "1"), resume=True)
+
+
+def test_broken_data_and_device_fail_before_training(data_dir, tmp_path):
+    import shutil
+
+    broken = tmp_path / "data"
+    shutil.copytree(data_dir, broken)
+    (broken / "tokenizer.json").unlink()  # was a traceback at the first eval, after the training steps
+    with pytest.raises(TrainError, match=r"tokenizer.json is missing.*smolds prep --verify"):
+        train(cfg(broken, tmp_path / "x"))
+    with pytest.raises(TrainError, match=r"manifest.json is a file; give the directory .* e.g. --data.dir "):
+        train(cfg(data_dir / "manifest.json", tmp_path / "x"))
+    (tmp_path / "half").mkdir()
+    (tmp_path / "half" / "progress.json").write_text("{}")
+    with pytest.raises(TrainError, match=r"unfinished prep run.*rerun the same `smolds prep` command"):
+        train(cfg(tmp_path / "half", tmp_path / "x"))
+    if not torch.cuda.is_available():
+        with pytest.raises(TrainError, match="train.device is cuda but no GPU is visible"):
+            train(cfg(data_dir, tmp_path / "x", "--train.device", "cuda"))
+    out = tmp_path / "run"
+    (out).mkdir()
+    (out / "run_config.yaml").write_text("train: [\n")
+    with pytest.raises(TrainError, match=r"run_config.yaml cannot be read \(.*not valid YAML at line 2.*\); fix"):
+        train(cfg(data_dir, out), resume=True)

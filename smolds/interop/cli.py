@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 
 import torch
 
+from smolds import checkpoint as ckpt
 from smolds.checkpoint import CheckpointError
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -42,6 +44,31 @@ def _parser(command: str) -> argparse.ArgumentParser:
     return p
 
 
+# What each command writes: an existing OUT holding only these (a previous output) may be replaced.
+HF_FILES = {"config.json", "model.safetensors", "README.md", "tokenizer.json", "tokenizer_config.json",
+            "generation_config.json"}
+CHECKPOINT_FILES = {ckpt.CONFIG_FILE, ckpt.WEIGHTS_FILE, ckpt.TOKENIZER_FILE, ckpt.TOKENIZER_CONFIG_FILE, ckpt.EXTRA_FILE}
+
+
+def check_out_dir(out: str | Path, ours: set[str], src: str | Path | None = None) -> None:
+    """Raise ValueError unless OUT may be (re)placed: the write replaces the whole directory, so an OUT that
+    holds anything else (a run directory, the source itself, an unrelated folder) is refused, not deleted."""
+    out = Path(out)
+    if src is not None and Path(src).exists():
+        o, s = out.resolve(), Path(src).resolve()
+        if o == s or o in s.parents:
+            raise ValueError(f"output {out} would replace the source {src}; choose another output directory")
+    if out.is_file():
+        raise ValueError(f"output {out} is a file; give a directory path")
+    if out.is_dir():
+        other = sorted(p.name + ("/" if p.is_dir() else "") for p in out.iterdir() if p.name not in ours
+                       or not p.is_file())
+        if other:
+            shown = ", ".join(other[:4]) + (", ..." if len(other) > 4 else "")
+            raise ValueError(f"output {out} already exists and holds other files ({shown}); writing would delete "
+                             "them: choose a new directory or remove it first")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv:
@@ -53,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         if command == "import-hf":
             from smolds.interop.hf import import_hf_to
 
+            check_out_dir(args.out, CHECKPOINT_FILES, args.src)
             out = import_hf_to(args.src, args.out, DTYPES[args.dtype], args.revision)
         elif command == "import-gguf":
             from smolds.interop.gguf import import_gguf_to
@@ -61,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
                 print("smolds import-gguf: error: expected [PATH] OUT", file=sys.stderr)
                 return 2
             src, dst = (None, args.paths[0]) if len(args.paths) == 1 else args.paths
+            check_out_dir(dst, CHECKPOINT_FILES, src)
             out = import_gguf_to(src, dst, DTYPES[args.dtype])
         else:
             from smolds.checkpoint import load_pretrained, read_extra
@@ -69,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
 
             if args.push_to_hub and not looks_like_repo_id(args.push_to_hub):  # before the export, not after
                 raise ValueError(f"--push-to-hub {args.push_to_hub!r}: expected a repo id like your-name/model-name")
+            check_out_dir(args.out, HF_FILES, args.checkpoint)
             model, tok = load_pretrained(args.checkpoint, dtype=DTYPES[args.dtype])
             out = export_hf(model, args.out, tok, arch=args.arch, extra=read_extra(args.checkpoint))
             if args.push_to_hub:

@@ -45,8 +45,15 @@ def read_hf_config(path: str | Path) -> dict:
         raise InteropError(f"{path} is not a directory (expected a Hugging Face model directory)")
     f = path / "config.json"
     if not f.is_file():
-        raise InteropError(f"{path} has no config.json")
-    return json.loads(f.read_text())
+        hint = " (it is a smolds checkpoint already: use it as is)" if (path / "config.yaml").is_file() else ""
+        raise InteropError(f"{path} has no config.json{hint}")
+    try:
+        hf = json.loads(f.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise InteropError(f"{f} is not valid JSON ({e}); re-download or re-save the model") from None
+    if not isinstance(hf, dict):
+        raise InteropError(f"{f} is not a JSON object; expected a Hugging Face model config")
+    return hf
 
 
 def read_safetensors_dir(path: str | Path) -> dict[str, torch.Tensor]:
@@ -65,7 +72,13 @@ def read_safetensors_dir(path: str | Path) -> dict[str, torch.Tensor]:
         raise InteropError(f"{path} has no model.safetensors{hint}")
     state = {}
     for f in files:
-        state.update(load_file(str(path / f)))
+        if not (path / f).is_file():
+            raise InteropError(f"{path}: {f} (listed in model.safetensors.index.json) is missing; download it too")
+        try:
+            state.update(load_file(str(path / f)))
+        except Exception as e:  # SafetensorError: truncated or not a safetensors file
+            raise InteropError(f"{path / f} is not a readable safetensors file ({e}); it may be truncated: "
+                               "download or save it again") from None
     return state
 
 
