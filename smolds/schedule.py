@@ -11,6 +11,11 @@ from __future__ import annotations
 import math
 
 
+def wsd_decay_steps(steps: int, decay_fraction: float) -> int:
+    """How many of the last steps WSD spends decaying."""
+    return int(round(steps * decay_fraction))
+
+
 def lr_at(step: int, *, lr: float, steps: int, warmup_steps: int, schedule: str = "wsd",
           decay_fraction: float = 0.2, min_lr_ratio: float = 0.0) -> float:
     """Learning rate for optimizer step `step` (0-based) of `steps`."""
@@ -18,7 +23,7 @@ def lr_at(step: int, *, lr: float, steps: int, warmup_steps: int, schedule: str 
     if warmup_steps > 0 and step < warmup_steps:
         return lr * (step + 1) / warmup_steps
     if schedule == "wsd":
-        decay_steps = int(round(steps * decay_fraction))
+        decay_steps = wsd_decay_steps(steps, decay_fraction)
         decay_start = steps - decay_steps
         if step < decay_start or decay_steps == 0:
             return lr
@@ -30,11 +35,10 @@ def lr_at(step: int, *, lr: float, steps: int, warmup_steps: int, schedule: str 
     raise ValueError(f"unknown schedule {schedule!r}; allowed: wsd, cosine")
 
 
-
 def schedule_warning(*, steps: int, warmup_steps: int, schedule: str = "wsd", decay_fraction: float = 0.2) -> str | None:
     """A line for the log when the warmup does not end before the decay begins (a short run with a long
     warmup): no stable phase, and the lr either never reaches its peak or jumps down onto the decay line."""
-    decay_start = steps - int(round(steps * decay_fraction)) if schedule == "wsd" else steps
+    decay_start = steps - wsd_decay_steps(steps, decay_fraction) if schedule == "wsd" else steps
     if warmup_steps <= decay_start:
         return None
     fix = f"lower --train.warmup_steps to at most {decay_start} for this run"
