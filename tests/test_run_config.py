@@ -1,5 +1,7 @@
 """The run config: files, overrides and values that are wrong give one ConfigError naming the fix."""
 
+import math
+
 import pytest
 
 from smolds.config import ConfigError
@@ -59,3 +61,15 @@ def test_schedule_warning_when_warmup_overlaps_the_decay():
     assert "runs into the decay, which starts at step 36 of 45" in w
     assert schedule_warning(steps=30, warmup_steps=40, schedule="cosine") is not None
     assert schedule_warning(steps=50, warmup_steps=40, schedule="cosine") is None
+
+
+def test_lr_schedules_by_hand():
+    """WSD: linear warmup, flat, then linear decay over the last decay_fraction of the steps to lr *
+    min_lr_ratio; cosine: warmup, then half a cosine to the same floor."""
+    wsd = [lr_at(s, lr=1.0, steps=10, warmup_steps=2, decay_fraction=0.2, min_lr_ratio=0.1) for s in range(10)]
+    assert wsd == pytest.approx([0.5, 1, 1, 1, 1, 1, 1, 1, 0.55, 0.1])
+    cos = [lr_at(s, lr=1.0, steps=10, warmup_steps=2, schedule="cosine", min_lr_ratio=0.1) for s in range(10)]
+    assert cos[:3] == pytest.approx([0.5, 1, 1])
+    assert cos[6] == pytest.approx(0.55) and cos[9] == pytest.approx(0.1 + 0.45 * (1 + math.cos(7 * math.pi / 8)))
+    with pytest.raises(ValueError, match="unknown schedule 'linear'"):
+        lr_at(5, lr=1.0, steps=10, warmup_steps=2, schedule="linear")
