@@ -352,8 +352,8 @@ class MoE(nn.Module):
     def dispatch_decode(self, x, topk_idx, topk_weight):
         """A few tokens without grad (decoding): on CPU the host-synced loop over the chosen experts, or under
         torch.compile, for N*K <= E, the gathered form that the compiler fuses, and for more tokens the sorted
-        grouped products (the compiler fuses the sort and scatter; 7-15% faster steps than the loop op at
-        B=8); on a GPU (no host sync, CUDA graphs) the gathered form for N*K <= E, otherwise every expert on
+        grouped products (the compiler fuses the sort and scatter: 3-28% faster steps than the loop op,
+        `bench/decode_forms.py`); on a GPU (no host sync, CUDA graphs) the gathered form for N*K <= E, otherwise every expert on
         every token."""
         w = self.experts
         args = (x, topk_idx, topk_weight, w.gate_proj, w.up_proj, w.down_proj)
