@@ -100,8 +100,9 @@ def main(argv: list[str] | None = None) -> int:
             return 2
     from smolds.generate import device_error
 
-    if device_error(args.device):
-        print(f"smolds eval: error: {device_error(args.device)}", file=sys.stderr)
+    problem = device_error(args.device)
+    if problem:
+        print(f"smolds eval: error: {problem}", file=sys.stderr)
         return 2
     from data_prep.errors import DataError
     from data_prep.mixture import open_windows

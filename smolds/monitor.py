@@ -637,8 +637,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.data or args.tokens:
         from smolds.generate import device_error
 
-        if device_error(args.device):
-            print(f"smolds monitor: error: {device_error(args.device)}", file=sys.stderr)
+        problem = device_error(args.device)
+        if problem:
+            print(f"smolds monitor: error: {problem}", file=sys.stderr)
             return 2
     try:
         if args.data or args.tokens:
