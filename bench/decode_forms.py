@@ -18,7 +18,7 @@ from presets import model_config  # bench/presets.py: smolds' presets + mid
 
 import smolds.model.moe as moe
 from smolds import Transformer
-from smolds.generate import static_cache
+from smolds.infer.generate import static_cache
 
 
 def _loop(self, x, idx, weight):

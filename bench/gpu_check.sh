@@ -142,7 +142,7 @@ for name, f in (("unpadded", plain), ("padded", padded)) * 2:
 
 # (d) compiled blocks with activation checkpointing (last: the stage's timeout may cut it) against the plain
 # eager model: loss, gradients and router counts after one forward + backward
-from smolds.model.moe import routers
+from smolds.model.router import routers
 x = ids[:2, :257]
 runs = []
 for compiled in (False, True):

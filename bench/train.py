@@ -14,11 +14,11 @@ Rows (one training step each = forward + backward + optimizer step on the same r
 - `hf-llama`        transformers' LlamaForCausalLM at the dense reference config (smollm2-135m for the 135m
                     preset; for tiny/mid a GQA model of the same width and depth with FFN width = the MoE's
                     active FFN width), the "what SmolLM2 costs" row;
-- `ds-engine`       our model in the DeepSpeed engine built exactly as smolds/train.py builds it (build_model,
+- `ds-engine`       our model in the DeepSpeed engine built exactly as the trainer builds it (Engine,
                     param_groups, deepspeed_config; ZeRO-0, world of 1): engine(x), engine.backward, engine.step;
-- `ds-trainer`      the same engine with the rest of smolds/train.py's per-step work: the finite-loss check,
+- `ds-trainer`      the same engine with the rest of the loop's per-step work: the finite-loss check,
                     the stage-0 grad-norm, the router-bias update and the loss reduction.
-Our rows also run the loss-free bias update after each step (`update_router_biases`), as the trainer does.
+Our rows also run the loss-free bias update after each step (`RoutingStats.end_step`), as the trainer does.
 
 Timing: `--repeats` rounds; in each round every row runs `--steps` steps back to back (synchronized), rows in
 turn, so a noisy neighbour hurts all rows alike; the table gives the median round's tokens/s and the min-max,
@@ -59,7 +59,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from a ch
 from presets import model_config  # noqa: E402  (bench/ is on sys.path when run as a script)
 
 from smolds import ModelConfig, Transformer  # noqa: E402
-from smolds.model.moe import update_router_biases  # noqa: E402
+from smolds.model.router import RoutingStats  # noqa: E402
 
 PEAK_FLOPS = 989e12  # H100 SXM dense bf16
 LR = 1e-4  # small: random tokens, we only time the step
@@ -118,10 +118,10 @@ class Bench:
         return torch.autocast(self.device.type, dtype=torch.bfloat16)
 
     def adamw(self, params):
-        from smolds.train import param_groups
+        from smolds.train.engine import param_groups
 
         groups = param_groups(params, weight_decay=0.01, ep=False)
-        return torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.95), fused=True)  # as smolds/train.py
+        return torch.optim.AdamW(groups, lr=LR, betas=(0.9, 0.95), fused=True)  # as the trainer
 
     # ----------------------------------------------------------------- builders
     def add_ours(self, compiled: bool, variant: str = ""):
@@ -142,7 +142,7 @@ class Bench:
             loss.backward()
             opt.step()
             opt.zero_grad(set_to_none=True)
-            update_router_biases(model, self.cfg)
+            RoutingStats(model, self.cfg).end_step()
 
         name = "ours" + ("-compiled" if compiled else "") + (f"-{variant}" if variant else "")
         self._add(Row(name, step, model.flops_per_token(self.T), name), [model], opt,
@@ -191,50 +191,37 @@ class Bench:
         self._add(Row(name, step, fpt, name, note=note), [hf], opt, warmup=self.args.warmup, base=base)
 
     def add_deepspeed(self, rows: list[str]):
-        """The engine as smolds/train.py builds it (ZeRO-0, one rank); both DS rows share it."""
-        import deepspeed
-        import torch.distributed as dist
-
-        from smolds import parallel
-        from smolds.run_config import RunConfig
-        from smolds.train import _grad_norm, build_model, deepspeed_config, param_groups
+        """The engine as the trainer builds it (smolds/train/engine.py: ZeRO-0, one rank); both DS rows share it."""
+        from smolds.train import parallel
+        from smolds.train.config import RunConfig
+        from smolds.train.engine import Engine
 
         base = self._alloc()
         env = parallel.init(self.device.type)
         run = RunConfig.from_dict({"model": self.cfg.to_dict(), "train": {
             "micro_batch": self.B, "seq_len": self.T, "device": self.device.type, "dtype": self.args.dtype,
             "lr": LR}})
-        model, ep_group = build_model(run, self.cfg, env)
-        groups = param_groups(model, run.train.weight_decay, ep_group is not None)
-        ds_cfg = deepspeed_config(run, env, self.bf16)
-        engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds_cfg)
-        model = engine.module
+        engine = Engine(run, self.cfg, env, self.bf16)
+        model, ds = engine.model, engine.ds
+        routing = RoutingStats(model, self.cfg)
         fpt = model.flops_per_token(self.T)
         dev = env.device
 
         def engine_step():
-            out = engine(self.x, targets=self.y)
-            engine.backward(out.loss)
-            engine.step()
-            update_router_biases(model, self.cfg)
+            out = ds(self.x, targets=self.y)
+            ds.backward(out.loss)
+            ds.step()
+            routing.end_step()
 
-        def trainer_step():  # smolds/train.py's loop body at grad_accum 1, without logging
-            out = engine(self.x, targets=self.y)
-            finite = torch.tensor([1.0 if torch.isfinite(out.loss).item() else 0.0], device=dev)
-            parallel.all_reduce_(finite, op=dist.ReduceOp.MIN).item()
-            engine.backward(out.loss)
-            for g in engine.optimizer.param_groups:
-                g["lr"] = LR
-            if engine.is_gradient_accumulation_boundary() and run.deepspeed.zero_stage == 0:
-                _grad_norm(model, ep_group)
-            engine.step()
-            update_router_biases(model, self.cfg)
-            float(parallel.all_reduce_(torch.stack([out.lm_loss.detach().float()]).mean().to(dev)))
+        def trainer_step():  # the loop's train_step at grad_accum 1 (smolds/train/loop.py), without logging
+            loss, _ = engine.micro_step(self.x, self.y, LR, False)
+            routing.end_step()
+            float(parallel.all_reduce_(torch.stack([loss]).mean().to(dev)))
 
-        note = f"ZeRO-{run.deepspeed.zero_stage}, {type(engine.optimizer).__name__}"
+        note = f"ZeRO-{run.deepspeed.zero_stage}, {type(ds.optimizer).__name__}"
         steps = {"ds-engine": engine_step, "ds-trainer": trainer_step}
         for name in rows:
-            self._add(Row(name, steps[name], fpt, "ds", note=note), [model], engine.optimizer,
+            self._add(Row(name, steps[name], fpt, "ds", note=note), [model], ds.optimizer,
                       warmup=self.args.warmup, base=base)
 
     # --------------------------------------------------------------- accounting

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 
 def main() -> int:
-    backend = "nccl" if torch.cuda.is_available() else "gloo"  # as the trainer decides (smolds/parallel.py)
+    backend = "nccl" if torch.cuda.is_available() else "gloo"  # as the trainer decides (smolds/train/parallel.py)
     local_rank = int(os.environ["LOCAL_RANK"])
     device = torch.device("cuda", local_rank) if backend == "nccl" else torch.device("cpu")
     if device.type == "cuda":

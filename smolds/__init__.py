@@ -9,7 +9,7 @@ __all__ = ["ModelConfig", "ConfigError", "Transformer", "ModelOutput", "Cache"]
 __version__ = "0.1.0"
 
 # Exported lazily (PEP 562): `import smolds` imports no torch, so `python -m smolds train` can catch
-# SIGTERM/SIGUSR1 before its heavy imports (smolds/cli.py, smolds/preemption.py).
+# SIGTERM/SIGUSR1 before its heavy imports (smolds/cli.py, smolds/train/preemption.py).
 _EXPORTS = {"ModelConfig": "smolds.config", "ConfigError": "smolds.config", "Transformer": "smolds.model.transformer",
             "ModelOutput": "smolds.model.transformer", "Cache": "smolds.model.transformer"}
 

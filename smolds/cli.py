@@ -11,12 +11,12 @@ import sys
 
 COMMANDS = {
     "prep": ("data_prep.cli", "tokenize a corpus and pack it into memory-mapped shards"),
-    "train": ("smolds.train", "pretrain with the DeepSpeed engine (torchrun for many processes)"),
-    "eval": ("smolds.evaluate", "validation loss / perplexity / MaxVio of a checkpoint"),
-    "monitor": ("smolds.monitor", "expert-load report of a run (logs) or a checkpoint (data)"),
-    "curves": ("smolds.curves", "plot the training curves of one or more runs into a PNG"),
-    "generate": ("smolds.generate", "sample text from a checkpoint"),
-    "chat": ("smolds.chat", "chat with a checkpoint using its chat template"),
+    "train": ("smolds.train.cli", "pretrain with the DeepSpeed engine (torchrun for many processes)"),
+    "eval": ("smolds.infer.evaluate", "validation loss / perplexity / MaxVio of a checkpoint"),
+    "monitor": ("smolds.monitor.cli", "expert-load report of a run (logs) or a checkpoint (data)"),
+    "curves": ("smolds.monitor.curves", "plot the training curves of one or more runs into a PNG"),
+    "generate": ("smolds.infer.generate", "sample text from a checkpoint"),
+    "chat": ("smolds.infer.chat", "chat with a checkpoint using its chat template"),
     "import-hf": ("smolds.interop.cli", "import a Hugging Face Llama/SmolLM2 directory"),
     "import-gguf": ("smolds.interop.cli", "import the SmolLM2-135M-Instruct GGUF"),
     "export-hf": ("smolds.interop.cli", "export a checkpoint as a Hugging Face DeepseekV3 directory"),
@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     if name == "train":
         # First, before the trainer imports torch and DeepSpeed: a SIGTERM/SIGUSR1 from Slurm or torchrun
-        # while a worker starts up must set the stop flag, not kill it (smolds/preemption.py).
-        from smolds import preemption
+        # while a worker starts up must set the stop flag, not kill it (smolds/train/preemption.py).
+        from smolds.train import preemption
 
         preemption.install()
     module = importlib.import_module(COMMANDS[name][0])

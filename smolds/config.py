@@ -16,7 +16,7 @@ from pathlib import Path
 
 import yaml
 
-ATTENTION_KINDS = ("mla", "gqa", "linear")
+ATTENTION_KINDS = ("mla", "gqa", "linear", "kda")
 FFN_KINDS = ("dense", "moe")
 BALANCE_MODES = ("loss_free", "aux_loss", "seq_aux", "loss_free+seq_aux", "none")
 PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"  # the repo's configs/models
@@ -70,10 +70,11 @@ class ModelConfig(YamlDataclass):
     qk_rope_head_dim: int = 32
     v_head_dim: int = 64
 
-    # multi-head linear attention (kind "linear"; heads = num_attention_heads)
-    linear_head_dim: int = 64
+    # multi-head linear attention (kinds "linear" and "kda"; heads = num_attention_heads)
+    linear_head_dim: int = 64  # K = V per head (KimiLinear's name)
     linear_chunk_size: int = 64
-    linear_kv_rank: int | None = None  # None: full-rank k/v projections; int: MLA-style latent of that rank
+    linear_kv_rank: int | None = None  # "linear" only. None: full-rank k/v projections; int: MLA-style latent
+    linear_conv_kernel_dim: int = 4  # "kda": width of the short causal convolution on q, k, v (KimiLinear's name)
 
     # dense FFN (SwiGLU)
     intermediate_size: int = 1536
@@ -104,10 +105,6 @@ class ModelConfig(YamlDataclass):
         self.validate()
 
     # ------------------------------------------------------------------ derived
-    @property
-    def qk_head_dim(self) -> int:
-        return self.qk_nope_head_dim + self.qk_rope_head_dim
-
     def attention_kind(self, layer: int) -> str:
         return self.attention_pattern[layer % len(self.attention_pattern)]
 
@@ -139,7 +136,7 @@ class ModelConfig(YamlDataclass):
                     "num_attention_heads", "num_key_value_heads", "head_dim", "kv_lora_rank",
                     "qk_nope_head_dim", "qk_rope_head_dim", "v_head_dim", "intermediate_size",
                     "moe_intermediate_size", "num_experts_per_tok", "n_group", "topk_group",
-                    "linear_head_dim", "linear_chunk_size"]
+                    "linear_head_dim", "linear_chunk_size", "linear_conv_kernel_dim"]
         for name in positive:
             v = getattr(self, name)
             need(isinstance(v, int) and not isinstance(v, bool) and v > 0, name, f"must be a positive integer, got {v!r}")
@@ -164,6 +161,11 @@ class ModelConfig(YamlDataclass):
             need(self.num_attention_heads * self.head_dim == self.hidden_size, "num_attention_heads",
                  f"num_attention_heads * head_dim ({self.num_attention_heads}*{self.head_dim}) must equal "
                  f"hidden_size ({self.hidden_size}) for gqa layers")
+        if "kda" in self.attention_pattern:
+            need(self.linear_head_dim <= 256, "linear_head_dim",
+                 f"kda layers take head dims up to 256 (fla's KDA kernels), got {self.linear_head_dim}")
+            need(self.linear_kv_rank is None or "linear" in self.attention_pattern, "linear_kv_rank",
+                 "the latent variant is for 'linear' layers only (kda keys and values are full rank); set it to null")
         for name in ("qk_rope_head_dim", "head_dim"):
             need(getattr(self, name) % 2 == 0, name, "must be even (rotary pairs)")
         if self.moe_layers:

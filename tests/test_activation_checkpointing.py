@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from smolds import ModelConfig, Transformer
-from smolds.model.moe import routers, update_router_biases
+from smolds.model.router import RoutingStats, routers
 
 
 def _pair(compiled=False, **changes):
@@ -20,7 +20,7 @@ def _pair(compiled=False, **changes):
 
 
 def _router_state(m):
-    return [torch.cat([r.tokens_per_expert, r.entropy_sum, r.last_counts, r.e_score_correction_bias]) for r in routers(m)]
+    return [torch.cat([r.tokens_per_expert, r.entropy_sum, r.e_score_correction_bias]) for r in routers(m)]
 
 
 @pytest.mark.parametrize("balance_mode, compiled", [("loss_free", False), ("seq_aux", False), ("loss_free", True)])
@@ -50,7 +50,7 @@ def test_checkpointed_training_equals_plain(balance_mode, compiled):
             counts = _router_state(m)
             opt.step()
             opt.zero_grad(set_to_none=True)
-            update_router_biases(m, cfg)
+            RoutingStats(m, cfg).end_step()
             results.append(([o.loss.detach() for o in outs], grads, counts, _router_state(m)))
         (loss_a, grads_a, counts_a, after_a), (loss_b, grads_b, counts_b, after_b) = results
         torch.testing.assert_close(loss_b, loss_a, rtol=1e-6 if compiled else 0, atol=0)
@@ -101,16 +101,16 @@ def test_checkpointing_saves_activation_memory():
 
 def test_run_config_switch():
     from smolds.config import ConfigError
-    from smolds.run_config import RunConfig
-    from smolds.train import build_model
+    from smolds.train.config import RunConfig
+    from smolds.train.engine import build_model
 
     run = RunConfig.from_dict({"model": {"preset": "tiny", "num_hidden_layers": 2},
                                "train": {"activation_checkpointing": True}})
-    model, _ = build_model(run, run.model_config(), env=None)
+    model, _ = build_model(run, run.model_config())
     assert all(b.activation_checkpointing for b in model.layers)
     run = RunConfig.from_dict({"model": {"preset": "tiny", "num_hidden_layers": 2},
                                "train": {"activation_checkpointing": True, "compile": True}})
-    model, _ = build_model(run, run.model_config(), env=None)
+    model, _ = build_model(run, run.model_config())
     assert all(b.activation_checkpointing and b.compiled_checkpointed is not None for b in model.layers)
     with pytest.raises(ConfigError, match="activation_checkpointing"):
         RunConfig.from_dict({"train": {"activation_checkpointing": "yes"}})
@@ -132,9 +132,9 @@ def test_compiled_checkpointing_refuses_a_block_that_breaks(monkeypatch):
     """Where a block cannot compile as one graph (here the experts' products kept out of the graph, as the CPU
     grouped-mm call was before it became an op), dynamo would run the checkpoint eagerly without the routing
     replay and count the tokens twice: a one-line error instead."""
-    from smolds.model import moe as moe_module
+    from smolds.model import experts
 
-    monkeypatch.setattr(moe_module, "_grouped_swiglu", torch.compiler.disable(moe_module._grouped_swiglu))
+    monkeypatch.setattr(experts, "_grouped_swiglu", torch.compiler.disable(experts._grouped_swiglu))
     _, (_, ckpt) = _pair(compiled=True, first_k_dense_replace=0)  # the MoE block first: no dense compile before
     x = torch.randint(0, 512, (2, 16))
     with pytest.raises(ValueError, match="compile as one graph, and this one breaks"):

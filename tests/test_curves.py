@@ -4,7 +4,7 @@ import json
 
 from PIL import Image
 
-from smolds.curves import main, panel_lines, plot_runs, read_series
+from smolds.monitor.curves import main, panel_lines, plot_runs, read_series
 
 
 def _run(path, rows):

@@ -14,7 +14,7 @@ import pytest
 from data_prep import DataError, TokenWindows, prepare
 from data_prep.mixture import MixedWindows, source_seed
 from smolds.config import ConfigError
-from smolds.run_config import RunConfig
+from smolds.train.config import RunConfig
 
 T = 15  # seq_len; a window is 16 tokens
 TOPICS = [topics[k] for k in sorted(topics)]
@@ -197,7 +197,8 @@ def test_training_on_a_mixture_logs_per_source_val_loss(dirs, tmp_path, capsys):
     assert len(err) == 1 and "same sources, order and weights" in err[0]
     # The run's last checkpoint through `smolds eval` and `smolds monitor` with the same mixture: the same
     # per-source losses as the trainer's eval (same windows: batch 4 x 2 batches per source, seq_len 32).
-    from smolds import evaluate, monitor
+    from smolds.infer import evaluate
+    from smolds.monitor import cli as monitor
 
     mixture = f"{{{dirs['a']}: 0.75, {dirs['b']}: 0.25}}"
     capsys.readouterr()

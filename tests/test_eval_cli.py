@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from smolds import ModelConfig, Transformer
-from smolds.checkpoint import save_pretrained
-from smolds.evaluate import main as eval_main
+from smolds.infer.evaluate import main as eval_main
+from smolds.pretrained import save_pretrained
 
 
 @pytest.fixture(scope="module")

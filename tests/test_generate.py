@@ -9,8 +9,7 @@ import torch
 from helpers import byte_tokenizer
 
 from smolds import ModelConfig, Transformer
-from smolds.checkpoint import CheckpointError, TextTokenizer, save_pretrained
-from smolds.generate import (
+from smolds.infer.generate import (
     _Detokenizer,
     fit_prompts,
     generate,
@@ -22,6 +21,8 @@ from smolds.generate import (
     top_k_mask,
     top_p_mask,
 )
+from smolds.pretrained import CheckpointError, save_pretrained
+from smolds.tokenizer import TextTokenizer
 
 HAS_LINEAR = importlib.util.find_spec("smolds.model.linear_attention") is not None
 KINDS = {
@@ -153,7 +154,7 @@ def test_decode_step_traces_as_one_graph_with_the_compiled_moe_forms(monkeypatch
     """torch.compile's tracer (backend "eager": no code generation, fast) takes the whole step without a
     graph break, for every attention kind, and the MoE forms it selects when compiling (gathered experts at
     N*K <= E, the sorted grouped dispatch above) give the eager path's tokens."""
-    import smolds.generate as gen
+    import smolds.infer.generate as gen
 
     model = tiny_model(["mla", "linear", "gqa"], num_hidden_layers=3)
     expected = generate_ids(model, PROMPTS, 8, temperature=0)
@@ -172,7 +173,7 @@ def test_compiled_decode_equals_eager():
 
 
 def test_static_cache_lengths_and_reuse():
-    from smolds.generate import static_cache, static_cache_length
+    from smolds.infer.generate import static_cache, static_cache_length
 
     assert [static_cache_length(n, 8192) for n in (1, 64, 65, 639, 5000)] == [64, 64, 128, 1024, 8192]
     assert static_cache_length(100, 96) == 96
@@ -281,7 +282,7 @@ def test_empty_prompt():
 
 
 def test_cli_missing_checkpoint(tmp_path, capsys):
-    from smolds.generate import main
+    from smolds.infer.generate import main
 
     assert main([str(tmp_path / "nope"), "hi"]) == 1
     err = capsys.readouterr().err
@@ -290,9 +291,9 @@ def test_cli_missing_checkpoint(tmp_path, capsys):
 
 # ---------------------------------------------------------------------------------------------- commands
 def test_generate_and_chat_commands(tmp_path, capsys, monkeypatch):
-    from smolds.chat import ChatSession
-    from smolds.chat import main as chat_main
-    from smolds.generate import main as generate_main
+    from smolds.infer.chat import ChatSession
+    from smolds.infer.chat import main as chat_main
+    from smolds.infer.generate import main as generate_main
 
     model, tok = tiny_model(["mla"], max_position_embeddings=256), byte_tokenizer()
     save_pretrained(model, tmp_path / "ckpt", tok)
@@ -313,7 +314,7 @@ def test_generate_and_chat_commands(tmp_path, capsys, monkeypatch):
 
 
 def test_chat_drops_oldest_turns_when_history_outgrows_the_context():
-    from smolds.chat import ChatSession
+    from smolds.infer.chat import ChatSession
 
     model, tok = tiny_model(["mla"], max_position_embeddings=128), byte_tokenizer()
     session = ChatSession(model, tok, system="sys", max_new_tokens=8, temperature=0)
@@ -327,7 +328,7 @@ def test_chat_drops_oldest_turns_when_history_outgrows_the_context():
 
 
 def test_load_errors_are_one_line(tmp_path):
-    from smolds.checkpoint import load_pretrained
+    from smolds.pretrained import load_pretrained
 
     with pytest.raises(CheckpointError, match="does not exist"):
         load_pretrained(tmp_path / "missing")
@@ -362,8 +363,8 @@ def test_sampling_settings_out_of_range_are_refused(kw, message):
 def test_cli_bad_input_prints_one_line_and_no_prompt(tmp_path, capsys, flags, message):
     """The single-prompt command echoes the prompt before streaming: a bad flag or a prompt that does not fit
     must be refused before that, so the error is the only output (and exactly one line)."""
-    from smolds.chat import main as chat_main
-    from smolds.generate import main as generate_main
+    from smolds.infer.chat import main as chat_main
+    from smolds.infer.generate import main as generate_main
 
     save_pretrained(tiny_model(["mla"], max_position_embeddings=256), tmp_path / "ckpt", byte_tokenizer())
     assert generate_main([str(tmp_path / "ckpt"), "a prompt of some length", *flags]) != 0
@@ -376,8 +377,8 @@ def test_cli_bad_input_prints_one_line_and_no_prompt(tmp_path, capsys, flags, me
 
 
 def test_chat_turn_interrupted_or_failed_leaves_the_history_unchanged(tmp_path, capsys, monkeypatch):
-    from smolds.chat import ChatSession
-    from smolds.chat import main as chat_main
+    from smolds.infer.chat import ChatSession
+    from smolds.infer.chat import main as chat_main
 
     model, tok = tiny_model(["mla"], max_position_embeddings=256), byte_tokenizer()
     session = ChatSession(model, tok, max_new_tokens=6, temperature=0)
@@ -391,7 +392,7 @@ def test_chat_turn_interrupted_or_failed_leaves_the_history_unchanged(tmp_path, 
 
     # The command: Ctrl-C while an answer streams drops that turn and keeps the chat going.
     save_pretrained(model, tmp_path / "ckpt", tok)
-    import smolds.chat as chat_module
+    import smolds.infer.chat as chat_module
 
     real_stream, calls = chat_module.stream, []
 
@@ -408,7 +409,7 @@ def test_chat_turn_interrupted_or_failed_leaves_the_history_unchanged(tmp_path, 
 
 
 def test_unavailable_device_is_named_before_loading(monkeypatch):
-    from smolds.generate import device_error
+    from smolds.infer.generate import device_error
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert device_error("cpu") is None

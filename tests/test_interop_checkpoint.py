@@ -1,4 +1,4 @@
-"""The consolidated checkpoint (smolds/checkpoint.py): bit-exact round trips, atomic writes, the trainer's
+"""The consolidated checkpoint (smolds/pretrained.py): bit-exact round trips, atomic writes, the trainer's
 directory layouts, tokenizers with chat templates, and one-line errors."""
 
 import json
@@ -9,15 +9,14 @@ from helpers import byte_tokenizer
 from safetensors import safe_open
 
 from smolds import ModelConfig, Transformer
-from smolds.checkpoint import (
-    CHATML_TEMPLATE,
+from smolds.pretrained import (
     CheckpointError,
-    TextTokenizer,
     load_pretrained,
     read_extra,
     resolve_checkpoint,
     save_pretrained,
 )
+from smolds.tokenizer import CHATML_TEMPLATE, TextTokenizer
 
 
 def tiny(**kw) -> Transformer:

@@ -56,7 +56,7 @@ def test_gguf_logits_equal_transformers(both):
 
 
 def test_gguf_generates_sensible_text(both):
-    from smolds.generate import generate
+    from smolds.infer.generate import generate
 
     model, tok = both[0]
     prompt = tok.apply_chat_template([{"role": "user", "content": "What is the capital of France?"}])

@@ -13,8 +13,8 @@ import torch
 from helpers import byte_tokenizer
 
 from smolds import ModelConfig, Transformer
-from smolds.checkpoint import load_pretrained, save_pretrained
 from smolds.interop.cli import main as interop_main
+from smolds.pretrained import load_pretrained, save_pretrained
 
 ROOT = Path(__file__).resolve().parent.parent
 COMMIT = "0123456789abcdef0123456789abcdef01234567"

@@ -21,10 +21,6 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 LAUNCH = ROOT / "launch" / "launch.py"
 TINY = ROOT / "configs" / "tiny-cpu.yaml"
-needs_trainer = pytest.mark.skipif(
-    not ((ROOT / "smolds" / "train.py").exists() and TINY.exists()),
-    reason="needs smolds/train.py and configs/tiny-cpu.yaml (the trainer is not written yet)",
-)
 
 
 def _load_launch():
@@ -281,7 +277,6 @@ def test_signal_before_the_workers_start_exits_75(tmp_path, when, sig):
 
 
 @pytest.mark.slow
-@needs_trainer
 def test_two_nodes_on_loopback_match_one_process(tmp_path):
     """Two torchrun agents (--nnodes 2, one process each) meet at a c10d endpoint on 127.0.0.1 and
     train on the same global batch as one process with gradient accumulation: same losses."""
@@ -302,7 +297,6 @@ def test_two_nodes_on_loopback_match_one_process(tmp_path):
 
 
 @pytest.mark.slow
-@needs_trainer
 def test_sigterm_checkpoints_and_resume_continues(tmp_path):
     out = tmp_path / "run"
     run = launcher("--nproc", "2", "--train.steps", "100000", "--train.micro_batch", "2",
@@ -323,7 +317,6 @@ def test_sigterm_checkpoints_and_resume_continues(tmp_path):
 
 
 @pytest.mark.slow
-@needs_trainer
 def test_signal_while_the_trainer_starts_up_exits_75_and_resume_works(tmp_path):
     """A requeued job restarts with --resume and gets SIGTERM again while the worker is still starting up
     (importing torch, DeepSpeed init, loading the checkpoint); Slurm signals the launcher and the worker.

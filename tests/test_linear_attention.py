@@ -18,6 +18,8 @@ from smolds.model.linear_attention import (
     LinearAttention,
     linear_attention,
     linear_attention_chunked,
+)
+from smolds.model.reference import (
     linear_attention_layer_reference,
     linear_attention_recurrent,
     linear_attention_reference,

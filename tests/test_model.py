@@ -6,7 +6,8 @@ import torch
 from smolds import ModelConfig, Transformer
 from smolds.config import presets
 from smolds.model.attention import AttnContext
-from smolds.model.mla import MLA, mla_reference
+from smolds.model.mla import MLA
+from smolds.model.reference import mla_reference
 from smolds.model.rope import apply_rope
 
 
@@ -139,3 +140,20 @@ def test_too_long_sequence_is_a_clear_error():
     m = Transformer(small("tiny", max_position_embeddings=16))
     with pytest.raises(ValueError, match="exceeds max_position_embeddings"):
         m(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_flops_per_token_by_hand_and_the_lm_head_once():
+    """6 x (active matmul parameters + the LM head) + 6 x each layer's attention mixing, by hand for a small
+    dense GQA model and an MLA + MoE model; an untied head costs what a tied one does (one V x D matmul)."""
+    cfg = ModelConfig.from_preset("tiny").replace(num_hidden_layers=2, attention_pattern=["gqa"], hidden_size=64,
+                                                  num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                                  intermediate_size=96, n_routed_experts=0, vocab_size=100)
+    V, D, L, T = 100, 64, 2, 32
+    per_layer = D * 4 * 16 + 2 * D * 2 * 16 + 4 * 16 * D + 3 * D * 96  # q, k+v, o, SwiGLU
+    mixing = T * 4 * 2 * 16  # scores and weighted sum over T keys, 4 heads of 16
+    expected = 6 * (L * per_layer + V * D) + 6 * L * mixing
+    assert Transformer(cfg).flops_per_token(T) == expected
+    assert Transformer(cfg.replace(tie_word_embeddings=False)).flops_per_token(T) == expected
+    moe = ModelConfig.from_preset("tiny")
+    tied, untied = Transformer(moe), Transformer(moe.replace(tie_word_embeddings=False))
+    assert tied.flops_per_token(128) == untied.flops_per_token(128)

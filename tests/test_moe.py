@@ -4,8 +4,12 @@ import pytest
 import torch
 
 from smolds import ModelConfig, Transformer
+from smolds.model import experts as experts_module
 from smolds.model import moe as moe_module
-from smolds.model.moe import MoE, Router, max_violation, naive_moe_reference, update_router_biases
+from smolds.model.moe import MoE
+from smolds.model.reference import naive_moe_reference
+from smolds.model.router import Router, RoutingStats
+from smolds.monitor.stats import max_violation
 
 
 def cfg(**changes) -> ModelConfig:
@@ -27,7 +31,7 @@ def _moe(c):
 @pytest.mark.parametrize("groups", [(1, 1), (4, 2)])
 def test_grouped_experts_equal_reference_outputs_and_grads(groups, path, monkeypatch):
     if path == "loop":  # the per-expert loop that older torch (no CPU torch._grouped_mm) runs
-        monkeypatch.setattr(moe_module, "_CPU_GROUPED_MM", False)
+        monkeypatch.setattr(experts_module, "_CPU_GROUPED_MM", False)
     m = _moe(cfg(n_group=groups[0], topk_group=groups[1]))
     m.gate.e_score_correction_bias.copy_(torch.randn(8) * 0.1)
     x = torch.randn(2, 13, 32, requires_grad=True)
@@ -46,7 +50,7 @@ def test_experts_under_autocast_run_in_its_dtype_on_both_paths(monkeypatch):
     x = torch.randn(2, 13, 32, requires_grad=True)
     outs = []
     for grouped in (True, False):
-        monkeypatch.setattr(moe_module, "_CPU_GROUPED_MM", grouped)
+        monkeypatch.setattr(experts_module, "_CPU_GROUPED_MM", grouped)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             y, _ = m(x)
         (gx,) = torch.autograd.grad(y.float().sum(), [x])
@@ -95,7 +99,7 @@ def test_moe_without_grad_takes_the_decode_path_eager_and_traced(n_tokens, group
     grouped dispatch above (N*K = 16 > E = 8), or where grouped_mm cannot run (old torch), the loop as one
     opaque op. With grad: the training dispatch."""
     if not grouped:
-        monkeypatch.setattr(moe_module, "_CPU_GROUPED_MM", False)
+        monkeypatch.setattr(experts_module, "_CPU_GROUPED_MM", False)
     m = _moe(cfg()).eval()
     x = torch.randn(1, n_tokens, 32)
     ref = naive_moe_reference(m, x)
@@ -174,7 +178,7 @@ def test_loss_free_updates_drive_maxvio_down_on_skewed_inputs():
         x = torch.randn(4, 64, 32) * 0.5 + skew
         with torch.no_grad():
             model.moe(x)
-        counts = update_router_biases(model, c)
+        counts = RoutingStats(model, c).end_step().counts
         history.append(max_violation(counts)[1])
     first, last = sum(history[:5]) / 5, sum(history[-10:]) / 10
     assert first > 1.0, f"input was not skewed enough to test anything (MaxVio {first:.2f})"
@@ -190,7 +194,7 @@ def test_counts_accumulate_over_micro_batches_until_update():
         model.moe(torch.randn(2, 5, 32))
     counts = model.moe.gate.tokens_per_expert.clone()
     assert counts.sum() == 3 * 2 * 5 * c.num_experts_per_tok
-    assert torch.equal(update_router_biases(model, c)[0], counts)
+    assert torch.equal(RoutingStats(model, c).end_step().counts[0], counts)
 
 
 def test_no_bias_update_when_balancing_is_off():
@@ -199,8 +203,35 @@ def test_no_bias_update_when_balancing_is_off():
     model.moe = _moe(c).train()
     _, aux = model.moe(torch.randn(2, 5, 32))
     assert aux is not None and aux > 0
-    update_router_biases(model, c)
+    RoutingStats(model, c).end_step()
     assert model.moe.gate.e_score_correction_bias.abs().sum() == 0
+
+
+def test_routing_stats_is_the_one_writer_of_the_counters():
+    """Training forwards count; eval forwards do not, except inside `measure()`, which leaves the training
+    interval as it was; `discard()` drops an interval without a bias update, `end_step()` applies one."""
+    c = cfg(n_group=1, topk_group=1, bias_update_rate=1e-2)
+    model = torch.nn.Module()
+    model.moe = _moe(c).train()
+    gate, stats = model.moe.gate, RoutingStats(model, c)
+    model.moe(torch.randn(2, 5, 32))
+    training = (gate.tokens_per_expert.clone(), gate.entropy_sum.clone())
+    assert training[0].sum() == 2 * 5 * c.num_experts_per_tok and training[1][1] == 10
+    model.moe.eval()
+    with torch.no_grad():
+        model.moe(torch.randn(1, 3, 32))  # not counted
+        with stats.measure() as routed:
+            model.moe(torch.randn(1, 7, 32))
+    assert routed.counts.sum() == 7 * c.num_experts_per_tok and routed.entropy[0, 1] == 7
+    assert torch.equal(gate.tokens_per_expert, training[0]) and torch.equal(gate.entropy_sum, training[1])
+    assert not gate.count_in_eval
+    stats.discard()
+    assert gate.tokens_per_expert.sum() == 0 and gate.e_score_correction_bias.abs().sum() == 0
+    model.moe.train()
+    model.moe(torch.randn(2, 5, 32))
+    got = stats.end_step()
+    assert got.counts.sum() == 10 * c.num_experts_per_tok and got.entropy[0, 1] == 10
+    assert gate.e_score_correction_bias.abs().sum() > 0 and gate.tokens_per_expert.sum() == 0
 
 
 def test_maxvio_values():
@@ -218,7 +249,7 @@ def test_aux_loss_is_minimal_when_balanced():
     assert loss.item() == pytest.approx(c.aux_loss_alpha)
 
 
-@pytest.mark.skipif(not moe_module._CPU_GROUPED_MM, reason="this torch has no CPU kernel for torch._grouped_mm")
+@pytest.mark.skipif(not experts_module.cpu_grouped_mm_works(), reason="this torch has no CPU kernel for torch._grouped_mm")
 def test_cpu_grouped_mm_op_gradients_with_empty_experts():
     """`grouped_mm_cpu` (the CPU grouped products as one opaque op, so compiled MoE blocks have no graph
     break): forward and both gradients equal per-expert matmuls, empty experts included (zero weight
@@ -228,7 +259,7 @@ def test_cpu_grouped_mm_op_gradients_with_empty_experts():
     offs = counts.cumsum(0).to(torch.int32)
     x = torch.randn(int(counts.sum()), 16, requires_grad=True)
     w = torch.randn(6, 8, 16, requires_grad=True)  # [E, out, in], used transposed as the experts do
-    y = moe_module.grouped_mm_cpu(x, w.transpose(1, 2), offs)
+    y = experts_module.grouped_mm_cpu(x, w.transpose(1, 2), offs)
     g = torch.randn_like(y)
     gx, gw = torch.autograd.grad(y, [x, w], g)
     ref = torch.cat([xe @ w[e].t() for e, xe in enumerate(x.split(counts.tolist()))])
@@ -237,4 +268,4 @@ def test_cpu_grouped_mm_op_gradients_with_empty_experts():
     torch.testing.assert_close(gx, rx)
     torch.testing.assert_close(gw, rw)
     assert gw[0].abs().sum() == 0 and gw[5].abs().sum() == 0
-    torch.library.opcheck(moe_module.grouped_mm_cpu, (x, w.transpose(1, 2), offs))
+    torch.library.opcheck(experts_module.grouped_mm_cpu, (x, w.transpose(1, 2), offs))

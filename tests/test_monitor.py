@@ -8,8 +8,10 @@ import pytest
 import torch
 
 from smolds import ModelConfig
-from smolds.model.moe import MoE, Router, max_violation, update_router_biases
-from smolds.monitor import RoutingMonitor, routing_stats
+from smolds.model.moe import MoE
+from smolds.model.router import Router, RoutingStats
+from smolds.monitor.live import RoutingMonitor, window_for
+from smolds.monitor.stats import max_violation, routing_stats
 
 
 def counts_of(topk_idx, n_experts):
@@ -128,10 +130,10 @@ def test_router_entropy_and_bias_through_a_real_router():
         model.moe(torch.randn(2, 5, 32))
         model.moe(torch.randn(1, 6, 32))
     assert gate.entropy_sum.tolist() == pytest.approx([16 * math.log(8), 16], rel=1e-6)
-    counts = update_router_biases(model, c)
-    assert counts.tolist() == [[16, 16, 0, 0, 0, 0, 0, 0]]
-    mon.update(counts)
+    routed = RoutingStats(model, c).end_step()
+    assert routed.counts.tolist() == [[16, 16, 0, 0, 0, 0, 0, 0]]
     assert gate.entropy_sum.tolist() == [0.0, 0.0]  # read and zeroed
+    mon.update(routed)
     row = mon.report(1).row
     assert row["router_entropy"] == pytest.approx(1.0, rel=1e-6)
     assert row["maxvio"] == pytest.approx(8 / 2 - 1) and row["dead_experts_per_layer"] == [[2, 3, 4, 5, 6, 7]]
@@ -146,6 +148,16 @@ def test_router_entropy_and_bias_through_a_real_router():
     assert gate.entropy_sum.tolist() == [0.0, 0.0] and gate.tokens_per_expert.sum() == 0
 
 
+def test_the_warning_window_scales_with_a_short_run():
+    assert window_for(60) == 6 and window_for(20) == 5 and window_for(400) == 40 and window_for(10**6) == 100
+    mon = RoutingMonitor(1, 4, window=window_for(60))
+    for _ in range(6):
+        mon.update(torch.tensor([[12.0, 0, 0, 0]]))  # one expert takes every token (MaxVio 3)
+    warnings = mon.report(6).warnings
+    assert any("expert 1, 2, 3" in w or "experts 1, 2, 3" in w for w in warnings)
+    assert any("not balancing" in w for w in warnings)
+
+
 def test_entropy_buffer_stays_fp32_and_unsaved():
     r = Router(_cfg()).to(torch.bfloat16)
     assert r.entropy_sum.dtype == torch.float32 and "entropy_sum" not in r.state_dict()
@@ -154,7 +166,7 @@ def test_entropy_buffer_stays_fp32_and_unsaved():
 def test_images_have_the_documented_size(tmp_path):
     from PIL import Image
 
-    from smolds import monitor_plots as mp
+    from smolds.monitor import plots as mp
 
     mon = RoutingMonitor(3, 8, log_images_every=2, out_dir=tmp_path, layer_ids=[1, 2, 3])
     torch.manual_seed(0)
@@ -165,6 +177,8 @@ def test_images_have_the_documented_size(tmp_path):
         if r.images:
             paths[step] = r.images
     assert sorted(paths) == [1, 3]  # the first report, then every 2 steps
+    mon.update(torch.ones(3, 8))
+    assert mon.report(5, draw=True).images  # asked for (the trainer does at every eval and the last step)
     sizes = {"load_heatmap": mp.pixels(mp.HEATMAP_SIZE), "maxvio": mp.pixels(mp.CURVE_SIZE)}
     assert sizes == {"load_heatmap": (900, 500), "maxvio": (900, 450)}
     for name, path in paths[3].items():

@@ -9,11 +9,14 @@ from pathlib import Path
 import pytest
 import torch
 
-from smolds import monitor
-from smolds.metrics import MetricsLogger
-from smolds.model.moe import routers, update_router_biases
+from smolds.model.router import RoutingStats, routers
 from smolds.model.transformer import Transformer
-from smolds.run_config import RunConfig
+from smolds.monitor import checkpoint_report, run_report
+from smolds.monitor.cli import main as monitor_main
+from smolds.monitor.live import RoutingMonitor
+from smolds.monitor.stats import routing_stats
+from smolds.train.config import RunConfig
+from smolds.train.metrics import MetricsLogger
 
 
 def png_size(path):
@@ -49,7 +52,7 @@ def trained_run(data_dir, tmp_path_factory):
 @pytest.mark.slow
 def test_cli_on_a_trained_run(trained_run, tmp_path, capsys):
     out = tmp_path / "report"
-    assert monitor.main([str(trained_run), "--out", str(out)]) == 0
+    assert monitor_main([str(trained_run), "--out", str(out)]) == 0
     text = capsys.readouterr().out
     assert "last logged step 4 of 4" in text and "MaxVio" in text
     table = text[text.index("layer  share min"):].splitlines()
@@ -61,19 +64,19 @@ def test_cli_on_a_trained_run(trained_run, tmp_path, capsys):
     md = (out / "routing_report.md").read_text()
     assert "](load_heatmap.png)" in md and "| layer |" in md
     # A directory without metrics.jsonl (and no --data / --tokens) is a clear error.
-    assert monitor.main([str(tmp_path)]) == 2 and "no metrics.jsonl" in capsys.readouterr().err
+    assert monitor_main([str(tmp_path)]) == 2 and "no metrics.jsonl" in capsys.readouterr().err
 
 
 @pytest.mark.slow
 def test_cli_on_a_checkpoint_with_data_and_tokens(trained_run, data_dir, tmp_path, capsys):
     from data_prep import TokenWindows
-    from smolds.checkpoint import load_pretrained
-    from smolds.evaluate import evaluate
+    from smolds.infer.evaluate import evaluate
+    from smolds.pretrained import load_pretrained
 
     out = tmp_path / "ck"
     args = [str(trained_run), "--data", str(data_dir), "--seq-len", "32", "--batch-size", "4", "--batches", "2",
             "--out", str(out), "--tokens", "def f(x): return x"]
-    assert monitor.main(args) == 0
+    assert monitor_main(args) == 0
     text = capsys.readouterr().out
     assert "MaxVio_global" in text and "256 evaluation tokens" in text  # 2 batches x 4 windows x 32
     assert png_size(out / "maxvio.png") == (900, 450) and png_size(out / "bias.png") == (600, 275)
@@ -83,8 +86,8 @@ def test_cli_on_a_checkpoint_with_data_and_tokens(trained_run, data_dir, tmp_pat
     # MaxVio_global agrees with the trainer's evaluate() on the same batches.
     model, _ = load_pretrained(trained_run)
     data = TokenWindows(data_dir, split="val", seq_len=32)
-    res = monitor.route_batches(model, data.iter_eval(4, 2))
-    s = monitor.routing_stats(res["counts"])
+    res = checkpoint_report.route_batches(model, data.iter_eval(4, 2))
+    s = routing_stats(res["counts"])
     ev = evaluate(model, data, 2, 4, torch.device("cpu"))
     assert s["maxvio_per_layer"] == pytest.approx(ev["maxvio_per_layer"], rel=1e-6)
     assert res["loss"] == pytest.approx(ev["loss"], rel=1e-5) and res["counts"].sum() == 256 * 2 * 2  # K=2, 2 layers
@@ -92,7 +95,7 @@ def test_cli_on_a_checkpoint_with_data_and_tokens(trained_run, data_dir, tmp_pat
 
 def simulated_run(out: Path, steps: int, log_every: int, start: int = 0, model=None, seed: int = 0):
     """The trainer's loop without DeepSpeed or optimizer (forward passes in training mode, the loss-free bias
-    update), with the integration lines proposed for smolds/train.py.
+    update), as smolds/train/loop.py calls them.
     Returns (model, sum of every step's all-reduced counts)."""
     cfg = RunConfig.load(None, ["--model.num_hidden_layers", "3", "--model.vocab_size", "256", "--train.steps", str(steps),
                                 "--train.log_every", str(log_every)])
@@ -103,16 +106,16 @@ def simulated_run(out: Path, steps: int, log_every: int, start: int = 0, model=N
     out.mkdir(parents=True, exist_ok=True)
     cfg.to_yaml(out / "run_config.yaml")
     log = MetricsLogger(out, True, steps, start, "disabled")
-    mon = monitor.RoutingMonitor.for_model(model, ep_size=2, window=3, log_images_every=0)
+    mon = RoutingMonitor.for_model(model, ep_size=2, window=3, log_images_every=0)
     total = 0
     gen = torch.Generator().manual_seed(seed + start)
     for step in range(start, steps):
         x = torch.randint(0, 64, (2, 16), generator=gen)  # a small vocabulary: a skewed load
         with torch.no_grad():  # routing is all the monitor sees; the weights need not move
             loss = model(x, targets=x).loss
-        counts = update_router_biases(model, model_cfg)
-        mon.update(counts)
-        total = total + counts
+        routed = RoutingStats(model, model_cfg).end_step()
+        mon.update(routed)
+        total = total + routed.counts
         if (step + 1) % log_every == 0 or step == start or step + 1 == steps:
             rep = mon.report(step + 1)
             log.log(step + 1, {"loss": float(loss), **rep.row})
@@ -131,15 +134,15 @@ def test_rows_written_live_read_back_exactly(tmp_path, capsys):
             "tokens_per_ep_rank", "expert_counts", "router_bias"} <= set(rows[-1])
     bias = torch.stack([r.e_score_correction_bias for r in routers(model)]).double()
     torch.testing.assert_close(torch.tensor(rows[-1]["router_bias"], dtype=torch.float64), bias, rtol=1e-6, atol=0)
-    log = monitor.RunLog(run)
+    log = run_report.RunLog(run)
     assert log.poll() == 4
-    s = monitor.summarize_run(log, window=100, ep_size=2)
+    s = run_report.summarize_run(log, window=100, ep_size=2)
     assert s["steps_covered"] == 7
     total = total.double()
     torch.testing.assert_close(torch.tensor(s["load_share"], dtype=torch.float64), total / total.sum(-1, keepdim=True),
                                rtol=1e-12, atol=0)
     assert s["tokens_per_ep_rank"] == total.view(2, 2, 4).sum(-1).tolist()
-    assert monitor.main([str(run), "--out", str(tmp_path / "rep"), "--window", "100"]) == 0
+    assert monitor_main([str(run), "--out", str(tmp_path / "rep"), "--window", "100"]) == 0
     assert "7 steps" in capsys.readouterr().out
 
 
@@ -160,7 +163,7 @@ def test_follow_reads_a_growing_log_and_stops_when_the_run_ends(tmp_path, capsys
 
     t = threading.Thread(target=writer)
     t.start()
-    rc = monitor.main([str(run), "--follow", "--interval", "0.1", "--out", str(tmp_path / "rep")])
+    rc = monitor_main([str(run), "--follow", "--interval", "0.1", "--out", str(tmp_path / "rep")])
     t.join()
     out = capsys.readouterr().out
     assert rc == 0 and "last logged step 2 of 4" in out and "last logged step 4 of 4" in out
@@ -181,14 +184,14 @@ def test_follow_started_before_the_trainer_reads_its_config_and_stops(tmp_path, 
     t = threading.Thread(target=writer)
     t.start()
     result = {}
-    follower = threading.Thread(target=lambda: result.setdefault("rc", monitor.main(
+    follower = threading.Thread(target=lambda: result.setdefault("rc", monitor_main(
         [str(run), "--follow", "--interval", "0.1", "--out", str(tmp_path / "rep")])), daemon=True)
     follower.start()
     follower.join(timeout=60)
     t.join()
     assert not follower.is_alive(), "--follow never stopped: the planned steps were never read"
     out = capsys.readouterr().out
-    layer_ids = monitor.run_info(run).layer_ids
+    layer_ids = run_report.run_info(run).layer_ids
     assert result["rc"] == 0 and "last logged step 4 of 4" in out
     assert [int(line.split()[0]) for line in out.splitlines()[-len(layer_ids) - 1:-1]] == layer_ids
 
@@ -199,19 +202,19 @@ def test_a_resumed_run_keeps_one_row_per_step(tmp_path):
     with open(run / "metrics.jsonl", "a") as f:  # resumed from a step-2 checkpoint: steps 3.. are re-logged
         f.write(json.dumps({"kind": "train", "step": 3, "expert_counts": [[1] * 8] * 2, "router_bias": [[0.0] * 8] * 2,
                             "routing_steps": 1}) + "\n")
-    log = monitor.RunLog(run)
+    log = run_report.RunLog(run)
     log.poll()
     assert sorted(log.rows) == [1, 2, 3] and log.rows[3].counts.sum() == 16
 
 
 def test_bad_numbers_for_a_checkpoint_are_one_line_errors(tmp_path, capsys):
-    from smolds.checkpoint import save_pretrained
+    from smolds.pretrained import save_pretrained
 
     cfg = RunConfig.load(None, ["--model.num_hidden_layers", "3", "--model.vocab_size", "256"]).model_config()
     save_pretrained(Transformer(cfg).eval(), tmp_path / "ck")
     for flags, message in [(["--batches", "0"], "--batches must be >= 1, got 0"),
                            (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
                            (["--seq-len", str(cfg.max_position_embeddings + 1)], "exceeds the model's context")]:
-        assert monitor.main([str(tmp_path / "ck"), "--data", "anything", *flags]) == 2
+        assert monitor_main([str(tmp_path / "ck"), "--data", "anything", *flags]) == 2
         err = capsys.readouterr().err
         assert message in err and err.count("\n") == 1, err

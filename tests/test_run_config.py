@@ -5,8 +5,8 @@ import math
 import pytest
 
 from smolds.config import ConfigError
-from smolds.run_config import RunConfig
-from smolds.schedule import lr_at, schedule_warning
+from smolds.train.config import RunConfig
+from smolds.train.schedule import lr_at, schedule_warning
 
 
 @pytest.mark.parametrize("overrides, message", [

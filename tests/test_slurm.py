@@ -24,10 +24,6 @@ DONE = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMO
 NOT_INSTALLABLE = 3  # .ci/slurm_up.sh: no root or no apt-get here
 
 pytestmark = pytest.mark.slow
-needs_trainer = pytest.mark.skipif(
-    not ((ROOT / "smolds" / "train.py").exists() and TINY.exists()),
-    reason="needs smolds/train.py and configs/tiny-cpu.yaml (the trainer is not written yet)",
-)
 
 
 @pytest.fixture(scope="session")
@@ -225,7 +221,6 @@ def tiny(out: Path, steps: int, *more: str) -> list[str]:
             "--train.eval_batches", "1", "--logging.wandb", "disabled", *more]
 
 
-@needs_trainer
 def test_tiny_pretraining_job(slurm, tmp_path):
     out = tmp_path / "run"
     job_id = submit(tmp_path, *tiny(out, 30))
@@ -236,7 +231,6 @@ def test_tiny_pretraining_job(slurm, tmp_path):
     assert latest_step(out) == 30
 
 
-@needs_trainer
 def test_preempted_job_checkpoints_and_resumes(slurm, tmp_path):
     out = tmp_path / "run"
     steps = 60

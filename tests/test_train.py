@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from smolds.config import ConfigError
-from smolds.run_config import RunConfig
 from smolds.train import TrainError, train
-from smolds.train_checkpoint import latest_checkpoint
+from smolds.train.checkpoint import latest_checkpoint
+from smolds.train.config import RunConfig
 
 TINY = ["--model.num_hidden_layers", "2", "--train.seq_len", "32", "--train.micro_batch", "4",
         "--train.warmup_steps", "2", "--train.eval_batches", "2", "--logging.wandb", "disabled",
@@ -54,19 +54,22 @@ def test_short_default_run_learns_and_writes_everything(data_dir, tmp_path, caps
     assert any(r["kind"] == "eval" and "maxvio" in r for r in rows)
     from PIL import Image
 
-    with Image.open(out / "curves.png") as im:  # redrawn at each eval; smolds.curves.FIGSIZE at 100 DPI
+    with Image.open(out / "curves.png") as im:  # redrawn at each eval; smolds.monitor.curves.FIGSIZE at 100 DPI
         assert im.size == (1350, 700)
     # `smolds eval` on the run dir (resolves checkpoints/latest -> consolidated) gives the trainer's last eval.
-    from smolds.evaluate import main as eval_main
+    from smolds.infer.evaluate import main as eval_main
 
     capsys.readouterr()
     assert eval_main([str(out), "--data", str(data_dir), "--seq-len", "32", "--batch-size", "4", "--batches", "2"]) == 0
     result = json.loads(capsys.readouterr().out)
     assert result["loss"] == pytest.approx(s["val_loss"], rel=1e-5) and "maxvio_per_layer" in result
+    # With no flags it takes the run's own data, seq_len, micro-batch and eval_batches: the same number.
+    assert eval_main([str(out)]) == 0
+    assert json.loads(capsys.readouterr().out)["loss"] == pytest.approx(s["val_loss"], rel=1e-5)
 
 
 def test_resume_matches_uninterrupted_run(data_dir, tmp_path, monkeypatch):
-    import smolds.train
+    import smolds.train.loop
 
     common = ["--train.steps", "12", "--train.log_every", "1", "--train.eval_every", "100",
               "--train.checkpoint_every", "100"]
@@ -78,7 +81,7 @@ def test_resume_matches_uninterrupted_run(data_dir, tmp_path, monkeypatch):
         checks["n"] += 1
         return checks["n"] == 7
 
-    monkeypatch.setattr(smolds.train.Preemption, "requested", preempt_at_6)
+    monkeypatch.setattr(smolds.train.loop.Preemption, "requested", preempt_at_6)
     s = train(cfg(data_dir, tmp_path / "part", *common))
     assert s["preempted"] and s["step"] == 6
     monkeypatch.undo()
@@ -90,7 +93,7 @@ def test_resume_matches_uninterrupted_run(data_dir, tmp_path, monkeypatch):
 
 
 def test_crash_while_checkpointing_keeps_previous_checkpoint(data_dir, tmp_path, monkeypatch):
-    import smolds.train_checkpoint as ckpt
+    import smolds.train.checkpoint as ckpt
 
     out = tmp_path / "run"
     common = ["--train.steps", "4", "--train.checkpoint_every", "2", "--train.eval_every", "100"]

@@ -102,7 +102,7 @@ def test_expert_parallel_resume_matches_uninterrupted(results):
 @pytest.mark.slow
 def test_zero3_dense_follows_single_process_and_resumes(results):
     """ZeRO-3 partitions every parameter: losses, the gathered consolidated export and resume must not notice."""
-    from smolds.checkpoint import load_pretrained
+    from smolds.pretrained import load_pretrained
 
     single, dist, tmp = results[0]["single_dense"], results[1], results[2]
     ref, got = single["losses"], dist[0]["zero3_dense"]["losses"]

@@ -10,8 +10,9 @@ from pathlib import Path
 
 import torch
 
-from smolds import checkpoint as ckpt
-from smolds.checkpoint import CheckpointError
+from smolds import pretrained as ckpt
+from smolds.pretrained import CheckpointError
+from smolds.tokenizer import TOKENIZER_CONFIG_FILE, TOKENIZER_FILE
 
 DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -47,7 +48,7 @@ def _parser(command: str) -> argparse.ArgumentParser:
 # What each command writes: an existing OUT holding only these (a previous output) may be replaced.
 HF_FILES = {"config.json", "model.safetensors", "README.md", "tokenizer.json", "tokenizer_config.json",
             "generation_config.json"}
-CHECKPOINT_FILES = {ckpt.CONFIG_FILE, ckpt.WEIGHTS_FILE, ckpt.TOKENIZER_FILE, ckpt.TOKENIZER_CONFIG_FILE, ckpt.EXTRA_FILE}
+CHECKPOINT_FILES = {ckpt.CONFIG_FILE, ckpt.WEIGHTS_FILE, TOKENIZER_FILE, TOKENIZER_CONFIG_FILE, ckpt.EXTRA_FILE}
 
 
 def check_out_dir(out: str | Path, ours: set[str], src: str | Path | None = None) -> None:
@@ -92,9 +93,9 @@ def main(argv: list[str] | None = None) -> int:
             check_out_dir(dst, CHECKPOINT_FILES, src)
             out = import_gguf_to(src, dst, DTYPES[args.dtype])
         else:
-            from smolds.checkpoint import load_pretrained, read_extra
             from smolds.interop.hf import export_hf
             from smolds.interop.hub import looks_like_repo_id, push_folder
+            from smolds.pretrained import load_pretrained, read_extra
 
             if args.push_to_hub and not looks_like_repo_id(args.push_to_hub):  # before the export, not after
                 raise ValueError(f"--push-to-hub {args.push_to_hub!r}: expected a repo id like your-name/model-name")

@@ -21,9 +21,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from smolds.checkpoint import TextTokenizer, save_pretrained
 from smolds.config import ConfigError, ModelConfig
 from smolds.interop.hf import InteropError, build_model, interleaved_to_half
+from smolds.pretrained import save_pretrained
+from smolds.tokenizer import TextTokenizer
 
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _TENSOR_NAMES = {

@@ -29,9 +29,10 @@ from pathlib import Path
 
 import torch
 
-from smolds.checkpoint import TextTokenizer, atomic_dir, save_pretrained, unwrap
 from smolds.config import ConfigError, ModelConfig
 from smolds.model.transformer import Transformer
+from smolds.pretrained import atomic_dir, save_pretrained, unwrap
+from smolds.tokenizer import TextTokenizer
 
 
 class InteropError(ValueError):

@@ -9,15 +9,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from smolds.interop.hf import InteropError
+from data_prep.errors import first_line
 
 # What a causal LM directory needs; skips other formats' weights (pytorch_model.bin, onnx/, gguf).
 MODEL_FILES = ["*.json", "*.safetensors", "*.txt", "*.model", "*.jinja"]
 
 
-def _first_line(e: Exception) -> str:
-    text = str(e).strip().splitlines()
-    return text[0] if text else type(e).__name__
+class HubError(ValueError):
+    """The Hub cannot give or take a model (offline, not logged in, no such repo); the message names the fix."""
 
 
 def looks_like_repo_id(spec: str) -> bool:
@@ -32,21 +31,21 @@ def resolve_model_dir(spec: str | Path, revision: str | None = None) -> Path:
         return path
     spec = str(spec)
     if not looks_like_repo_id(spec):
-        raise InteropError(f"{spec} is not a directory and not a Hub repo id (org/name); check the path")
+        raise HubError(f"{spec} is not a directory and not a Hub repo id (org/name); check the path")
     from huggingface_hub import snapshot_download
 
     try:
         return Path(snapshot_download(spec, revision=revision, allow_patterns=MODEL_FILES))
     except Exception as e:  # offline, unknown repo, gated, bad revision: one line, with the way out
-        raise InteropError(f"could not get {spec}{'@' + revision if revision else ''} from the Hugging Face Hub "
-                           f"({type(e).__name__}: {_first_line(e)}); download it where the Hub is reachable "
+        raise HubError(f"could not get {spec}{'@' + revision if revision else ''} from the Hugging Face Hub "
+                           f"({type(e).__name__}: {first_line(e)}); download it where the Hub is reachable "
                            "and pass the directory (or set HF_TOKEN for a gated or private repo)") from None
 
 
 def push_folder(folder: str | Path, repo_id: str, private: bool = False, message: str | None = None) -> str:
     """Create the model repo if needed and upload the folder as one commit; returns the repo URL."""
     if not looks_like_repo_id(repo_id):
-        raise InteropError(f"--push-to-hub {repo_id!r}: expected a repo id like your-name/model-name")
+        raise HubError(f"--push-to-hub {repo_id!r}: expected a repo id like your-name/model-name")
     from huggingface_hub import HfApi
 
     api = HfApi()
@@ -55,8 +54,8 @@ def push_folder(folder: str | Path, repo_id: str, private: bool = False, message
         api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type="model",
                           commit_message=message or f"Upload {Path(folder).name} with smolds")
     except Exception as e:
-        raise InteropError(f"could not push {folder} to {repo_id} on the Hugging Face Hub "
-                           f"({type(e).__name__}: {_first_line(e)}); log in with `huggingface-cli login` or set "
+        raise HubError(f"could not push {folder} to {repo_id} on the Hugging Face Hub "
+                           f"({type(e).__name__}: {first_line(e)}); log in with `huggingface-cli login` or set "
                            "HF_TOKEN, and check the network (the export itself is written)") from None
     return str(url)
 

@@ -1,4 +1,7 @@
-"""What every attention kind receives besides x: positions, the mask, and where the cache writes.
+"""What every attention kind is (the `Attention` interface) and receives besides x (`AttnContext`).
+
+Attention kinds (smolds/model/mla.py, gqa.py, linear_attention.py) are interchangeable per layer: each
+implements `Attention` below, and the Transformer (smolds/model/transformer.py) knows them only through it.
 
 Dimension letters: B batch, T new tokens, S key slots (cached + new), H heads.
 
@@ -17,6 +20,7 @@ Rotary tables are computed once per (dim, theta) per forward and shared by all l
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -39,6 +43,25 @@ class AttnContext:
         return self._rope[key]
 
 
-def causal_mask(T: int, device=None) -> torch.Tensor:
-    """[1, 1, T, T] bool lower-triangular mask."""
-    return torch.ones(T, T, dtype=torch.bool, device=device).tril()[None, None]
+class LayerCache(Protocol):
+    """One layer's decode state, preallocated for `max_len` slots (MLA: latent + rotary key; GQA: K/V;
+    linear attention: a constant-size state)."""
+
+    def tensors(self) -> list[torch.Tensor]: ...  # every tensor held (static decoding pins their addresses)
+
+    def bytes_per_token(self) -> int: ...  # cache bytes per token of context (0 for a constant-size state)
+
+
+class Attention(Protocol):
+    """The interface of an attention kind (an nn.Module built from a ModelConfig)."""
+
+    def forward(self, x: torch.Tensor, ctx: AttnContext, cache: LayerCache | None = None) -> torch.Tensor:
+        """x [B, T, D] -> [B, T, D]; with a cache, the T new tokens are written at ctx.start (or ctx.slot)."""
+        ...
+
+    def new_cache(self, batch: int, max_len: int, device, dtype) -> LayerCache: ...
+
+    def mixing_macs(self, seq_len: int) -> float:
+        """Forward multiply-adds per token of the token mixing outside the parameter matmuls (attention
+        scores and weighted sums), for Transformer.flops_per_token."""
+        ...

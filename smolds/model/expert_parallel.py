@@ -17,27 +17,41 @@ import torch
 import torch.distributed as dist
 from torch.distributed._functional_collectives import all_to_all_single_autograd
 
-from smolds.model.moe import MoE
+
+def ep_size_error(ep_size: int, n_experts: int, world: int | None = None) -> str | None:
+    """Why `ep_size` cannot split `n_experts` routed experts over `world` ranks (None: it can). The one place
+    this rule is checked: the trainer, `shard_experts` and the monitor's per-rank statistics ask here."""
+    if not isinstance(ep_size, int) or ep_size < 1:
+        return f"ep_size must be a positive integer, got {ep_size!r}"
+    if n_experts % ep_size:
+        return f"ep_size {ep_size} must divide n_routed_experts {n_experts}"
+    if world is not None and world % ep_size:
+        return f"ep_size {ep_size} must divide the number of ranks {world}"
+    return None
 
 
-def shard_experts(moe: MoE, group) -> None:
-    """Keep only this rank's slice of the (identically initialized) stacked expert weights."""
+def shard_experts(moe, group) -> None:
+    """Keep only this rank's slice of the (identically initialized) stacked expert weights of `moe` (an
+    smolds.model.moe.MoE), and switch it to the all-to-all dispatch."""
     P, p = dist.get_world_size(group), dist.get_rank(group)
-    if moe.n_experts % P:
-        raise ValueError(f"ep_size {P} must divide n_routed_experts {moe.n_experts}")
+    problem = ep_size_error(P, moe.n_experts)
+    if problem:
+        raise ValueError(problem)
     L = moe.n_experts // P
     ex = moe.experts
     for name in ("gate_proj", "up_proj", "down_proj"):
         full = getattr(ex, name)
         setattr(ex, name, torch.nn.Parameter(full.data[p * L : (p + 1) * L].clone()))
-    ex.n_experts = L
+    ex.num_local_experts = L
     moe.ep_group = group
 
 
-def dispatch_expert_parallel(moe: MoE, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor):
+def dispatch_expert_parallel(moe, x: torch.Tensor, topk_idx: torch.Tensor, topk_weight: torch.Tensor):
+    """x [N, D] this rank's tokens, topk_idx/topk_weight [N, K] -> [N, D]: each pair computed by the rank
+    that holds its expert."""
     group = moe.ep_group
     P = dist.get_world_size(group)
-    E, L = moe.n_experts, moe.experts.n_experts
+    E, L = moe.n_experts, moe.experts.num_local_experts
     N, K = topk_idx.shape
     flat_idx = topk_idx.flatten()
     order = flat_idx.argsort(stable=True)  # pairs sorted by global expert = by destination rank

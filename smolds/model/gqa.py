@@ -54,6 +54,10 @@ class GQA(nn.Module):
     def new_cache(self, batch: int, max_len: int, device, dtype) -> KVCache:
         return KVCache(batch, max_len, self.n_kv_heads, self.head_dim, device, dtype)
 
+    def mixing_macs(self, seq_len: int) -> float:
+        """Forward multiply-adds per token outside the projections: scores and weighted sum over seq_len keys."""
+        return float(seq_len * self.n_heads * 2 * self.head_dim)
+
     def forward(self, x: torch.Tensor, ctx: AttnContext, cache: KVCache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # [B,H,T,d]

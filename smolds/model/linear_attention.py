@@ -29,7 +29,8 @@ Three forms compute the same o, in fp32 (decay products underflow in bf16):
 - `linear_attention_chunked` (training, prefill): split T into chunks of C. Inside a chunk, quadratic masked
   attention; across chunks, pass the state. Cost O(T*C*K + T*K*V) time, O(T*C + T/C*K*V) memory.
 - `linear_attention_step` (decode, T = 1): the recurrence above.
-- `linear_attention_reference`: the quadratic masked form over the whole sequence, for tests.
+- `smolds.model.reference.linear_attention_reference`: the quadratic masked form over the whole sequence,
+  for tests.
 On CUDA, when flash-linear-attention is installed, its `chunk_simple_gla` / `fused_recurrent_simple_gla`
 kernels compute the same math (same gate, scale and state layout [K, V]).
 
@@ -55,35 +56,12 @@ from smolds.model.layers import RMSNorm
 # ------------------------------------------------------------------------- the math (fp32, head-first)
 
 
-def linear_attention_reference(q, k, v, log_decay, scale: float) -> torch.Tensor:
-    """Quadratic masked form: o = ((scale q k^T) * M) v with M_ts = exp(A_t - A_s) for s <= t, else 0,
-    A = cumsum(log_decay). q, k [B,H,T,K], v [B,H,T,V], log_decay [B,H,T] (<= 0) -> o [B,H,T,V].
-    O(T^2) and, over long T, less precise (A grows without bound); for tests."""
-    T = q.shape[2]
-    A = log_decay.cumsum(-1)  # [B,H,T]
-    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
-    decay = (A[..., :, None] - A[..., None, :]).masked_fill(~causal, float("-inf")).exp()  # [B,H,T,T]
-    return ((q @ k.transpose(-1, -2)) * scale * decay) @ v
-
-
 def linear_attention_step(q, k, v, log_decay, scale: float, state: torch.Tensor):
     """One token: S = alpha S + k v^T; o = scale q^T S. q, k [B,H,K], v [B,H,V], log_decay [B,H],
     state [B,H,K,V] -> (o [B,H,V], new state)."""
     state = state * log_decay.exp()[..., None, None] + k[..., :, None] * v[..., None, :]
     o = (q[..., None, :] @ state).squeeze(-2) * scale  # [B,H,V]
     return o, state
-
-
-def linear_attention_recurrent(q, k, v, log_decay, scale: float, state: torch.Tensor | None = None):
-    """`linear_attention_step` over every token (what decoding does one token at a time); shapes as chunked."""
-    B, H, T, K = q.shape
-    if state is None:
-        state = q.new_zeros(B, H, K, v.shape[-1])
-    outs = []
-    for t in range(T):
-        o, state = linear_attention_step(q[:, :, t], k[:, :, t], v[:, :, t], log_decay[:, :, t], scale, state)
-        outs.append(o)
-    return torch.stack(outs, dim=2), state
 
 
 def linear_attention_chunked(q, k, v, log_decay, scale: float, chunk_size: int, state: torch.Tensor | None = None):
@@ -244,17 +222,10 @@ class LinearAttention(nn.Module):
             cache.state.copy_(state)
         return self.output(o, x)
 
-    def flops_per_token_attention(self, seq_len: int) -> float:
-        """Multiply-adds per token of the chunked mixing, per layer (projections excluded): q.k and the
-        weighted sum over the chunk, C*(K+V), plus writing to and reading from the state, 2*K*V; per head.
-        Transformer.flops_per_token multiplies by 6 (2 FLOPs per multiply-add, x3 for forward + backward),
-        as it does MLA's seq_len*H*(d_qk+d_v). Like MLA's, the causal half is not discounted."""
+    def mixing_macs(self, seq_len: int) -> float:
+        """Forward multiply-adds per token of the chunked mixing (projections excluded): q.k and the weighted
+        sum over the chunk, C*(K+V), plus writing to and reading from the state, 2*K*V; per head. Like
+        softmax attention's, the causal half is not discounted."""
         C = min(self.chunk_size, seq_len)
         K = V = self.head_dim
         return float(self.n_heads * (C * (K + V) + 2 * K * V))
-
-
-def linear_attention_layer_reference(attn: LinearAttention, x: torch.Tensor) -> torch.Tensor:
-    """The whole layer through the quadratic reference (no cache, no padding; slow; for tests)."""
-    q, k, v, log_decay = attn.project(x, None)
-    return attn.output(linear_attention_reference(q, k, v, log_decay, attn.scale), x)

@@ -14,7 +14,8 @@ Two paths compute the same attention (like DeepSeek's `attn_impl = "naive" | "ab
 - absorbed (decode with a cache): fold W_UK into the query (q_nope W_UK: [B, H, T, C]) so scores are taken
   directly against the cached latent, and apply W_UV after attention to the attended latent. The cache is
   never re-expanded, so a decode step costs O(S * H * C) instead of O(S * H * (N + V) * C).
-`mla_reference` below is the naive textbook form (explicit softmax); tests hold both paths equal to it.
+`smolds.model.reference.mla_reference` is the naive textbook form (explicit softmax); tests hold both
+paths equal to it.
 
 Parameter names follow Hugging Face's DeepseekV3Attention, so checkpoints map one to one.
 """
@@ -29,6 +30,10 @@ from smolds.config import ModelConfig
 from smolds.model.attention import AttnContext
 from smolds.model.layers import RMSNorm
 from smolds.model.rope import apply_rope
+
+# The latent norms (q_a_layernorm, kv_a_layernorm) use a fixed eps, not rms_norm_eps: DeepSeek-V3's reference
+# and transformers' DeepseekV3 build them with their RMSNorm's default 1e-6, so exported models match exactly.
+LATENT_NORM_EPS = 1e-6
 
 
 class MLACache:
@@ -71,10 +76,10 @@ class MLA(nn.Module):
             self.q_proj = nn.Linear(D, H * self.qk_dim, bias=False)
         else:  # query compression (DeepSeek-V3: q_lora_rank 1536)
             self.q_a_proj = nn.Linear(D, cfg.q_lora_rank, bias=False)
-            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, cfg.rms_norm_eps)
+            self.q_a_layernorm = RMSNorm(cfg.q_lora_rank, LATENT_NORM_EPS)
             self.q_b_proj = nn.Linear(cfg.q_lora_rank, H * self.qk_dim, bias=False)
         self.kv_a_proj_with_mqa = nn.Linear(D, self.kv_lora_rank + self.rope_dim, bias=False)  # W_DKV ; W_KR
-        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, cfg.rms_norm_eps)
+        self.kv_a_layernorm = RMSNorm(self.kv_lora_rank, LATENT_NORM_EPS)
         self.kv_b_proj = nn.Linear(self.kv_lora_rank, H * (self.nope_dim + self.v_dim), bias=False)  # W_UK ; W_UV
         self.o_proj = nn.Linear(H * self.v_dim, D, bias=False)
 
@@ -136,6 +141,11 @@ class MLA(nn.Module):
         o_latent = torch.einsum("bhts,bsc->bhtc", probs, c_kv)  # [B,H,T,C]
         return torch.einsum("bhtc,hvc->bhtv", o_latent, w_uv)  # [B,H,T,V]
 
+    def mixing_macs(self, seq_len: int) -> float:
+        """Forward multiply-adds per token outside the projections: scores q.k (N + R per head) and the
+        weighted sum of values (V per head) over seq_len keys (no causal halving)."""
+        return float(seq_len * self.n_heads * (self.qk_dim + self.v_dim))
+
     def forward(self, x: torch.Tensor, ctx: AttnContext, cache: MLACache | None = None) -> torch.Tensor:
         B, T, _ = x.shape
         q_nope, q_rope, c_kv, k_rope = self.project(x, ctx)
@@ -150,17 +160,3 @@ class MLA(nn.Module):
             else:
                 out = self.absorbed(q_nope, q_rope, c_all, k_rope_all, ctx.mask)
         return self.o_proj(out.transpose(1, 2).reshape(B, T, self.n_heads * self.v_dim))
-
-
-def mla_reference(attn: MLA, x: torch.Tensor, ctx: AttnContext) -> torch.Tensor:
-    """The naive form: per-head keys/values materialized, explicit causal softmax (slow; for tests)."""
-    B, T, _ = x.shape
-    q_nope, q_rope, c_kv, k_rope = attn.project(x, ctx)
-    w_uk, w_uv = attn.up_weights()
-    k_nope = torch.einsum("btc,hnc->bhtn", c_kv, w_uk)
-    v = torch.einsum("btc,hvc->bhtv", c_kv, w_uv)
-    scores = (q_nope @ k_nope.transpose(-1, -2) + q_rope @ k_rope[:, None].transpose(-1, -2)) * attn.scale
-    causal = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
-    scores = scores.masked_fill(~causal, float("-inf")).softmax(-1)
-    out = scores @ v
-    return attn.o_proj(out.transpose(1, 2).reshape(B, T, attn.n_heads * attn.v_dim))

@@ -16,6 +16,7 @@ which slots are real and each row's next rotary position, so a batched decode eq
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from functools import partial
@@ -25,25 +26,39 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from data_prep.errors import first_line
 from smolds.config import ModelConfig
 from smolds.model.attention import AttnContext
+from smolds.model.experts import RoutedExperts
 from smolds.model.gqa import GQA
+from smolds.model.kda import KDA
 from smolds.model.layers import RMSNorm, SwiGLU
+from smolds.model.linear_attention import LinearAttention
 from smolds.model.loss import linear_cross_entropy
 from smolds.model.mla import MLA
-from smolds.model.moe import MoE, RoutedExperts, Router, checkpoint_contexts, recompute_policy
+from smolds.model.moe import MoE
+from smolds.model.router import Router, checkpoint_contexts, recompute_policy
+
+# Every attention kind implements the same interface (smolds.model.attention.Attention): forward, new_cache,
+# mixing_macs. The Transformer knows them only through this table.
+ATTENTION = {"mla": MLA, "gqa": GQA, "linear": LinearAttention, "kda": KDA}
 
 
 def build_attention(kind: str, cfg: ModelConfig) -> nn.Module:
-    if kind == "mla":
-        return MLA(cfg)
-    if kind == "gqa":
-        return GQA(cfg)
-    if kind == "linear":
-        from smolds.model.linear_attention import LinearAttention
+    if kind not in ATTENTION:
+        raise ValueError(f"unknown attention kind {kind!r}; known: {', '.join(ATTENTION)}")
+    return ATTENTION[kind](cfg)
 
-        return LinearAttention(cfg)
-    raise ValueError(f"unknown attention kind {kind!r}")
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module):
+    """Run the block in eval mode and restore the module's previous mode afterwards, also on an error."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield module
+    finally:
+        module.train(was_training)
 
 
 @dataclass
@@ -134,9 +149,8 @@ class Block(nn.Module):
         try:
             return self.compiled_checkpointed(x, ctx)
         except torch._dynamo.exc.Unsupported as e:
-            reason = str(e).strip().splitlines()[0]
             raise ValueError(f"compiled blocks with activation checkpointing need each block to compile as one "
-                             f"graph, and this one breaks ({reason}); turn one of them off") from None
+                             f"graph, and this one breaks ({first_line(e)}); turn one of them off") from None
 
     def _forward(self, x, ctx: AttnContext, cache=None):
         x = x + self.self_attn(self.input_layernorm(x), ctx, cache)
@@ -298,26 +312,18 @@ class Transformer(nn.Module):
             cfg = self.config
             for m in self.modules():
                 if isinstance(m, RoutedExperts):
-                    per_expert = (m.gate_proj.numel() + m.up_proj.numel() + m.down_proj.numel()) // m.n_experts
+                    per_expert = (m.gate_proj.numel() + m.up_proj.numel() + m.down_proj.numel()) // m.num_local_experts
                     total -= per_expert * (cfg.n_routed_experts - cfg.num_experts_per_tok)
         return total
 
     def flops_per_token(self, seq_len: int) -> float:
         """Training FLOPs per token (forward + backward = 3x forward), PaLM's convention:
-        6 * (active matmul parameters, LM head included, embedding lookup excluded)
-        + the attention scores and weighted sums: 6 * seq_len * sum over layers of H * (d_qk + d_v)
-        (no causal halving; linear-attention layers count their chunked cost instead)."""
+        6 * (active matmul parameters, the LM head included, the embedding lookup and norms excluded)
+        + 6 * each layer's token mixing outside its parameters (`mixing_macs`: attention scores and weighted
+        sums, no causal halving; linear attention its chunked cost)."""
         cfg = self.config
-        n = self.num_parameters(active=True) - cfg.vocab_size * cfg.hidden_size  # drop the embedding table
-        n += cfg.vocab_size * cfg.hidden_size  # the LM head matmul (tied or not)
+        n = self.num_parameters(active=True) - self.embed_tokens.weight.numel()  # the lookup is no matmul
+        if self.lm_head is None:  # tied: the head's matmul reuses the embedding table
+            n += cfg.vocab_size * cfg.hidden_size
         n -= sum(p.numel() for name, p in self.named_parameters() if name.endswith("norm.weight") or "layernorm" in name)
-        attn = 0.0
-        for blk in self.layers:
-            a = blk.self_attn
-            if blk.attention_kind == "mla":
-                attn += 6 * seq_len * a.n_heads * (a.qk_dim + a.v_dim)
-            elif blk.attention_kind == "gqa":
-                attn += 6 * seq_len * a.n_heads * 2 * a.head_dim
-            else:
-                attn += 6 * a.flops_per_token_attention(seq_len)
-        return 6 * n + attn
+        return 6 * n + 6 * sum(blk.self_attn.mixing_macs(seq_len) for blk in self.layers)

@@ -2,10 +2,10 @@
 
 Both ranks build the same two-layer MoE stack (same seed) and a reference copy. Each rank routes its half of
 a fixed global batch through the distributed copy; the reference routes the whole batch in this one
-process. `update_router_biases` must return the same [L, E] counts on every rank as the reference's
+process. `RoutingStats.end_step` must return the same [L, E] counts on every rank as the reference's
 (all-reduced over a one-rank group, i.e. not at all), leave identical biases, and give the monitor identical
-rows (router entropy included: summed over the ranks' tokens at report time). Then again with the routed experts sharded by expert parallelism, where the assignments each rank
-actually received must equal the monitor's tokens_per_ep_rank.
+rows (router entropy included: summed over the ranks' tokens with the counts). Then again with the routed
+experts sharded by expert parallelism, where the assignments each rank actually received must equal the monitor's tokens_per_ep_rank.
 """
 
 import os
@@ -17,8 +17,10 @@ from torch import nn
 
 from smolds import ModelConfig
 from smolds.model.expert_parallel import shard_experts
-from smolds.model.moe import MoE, routers, update_router_biases
-from smolds.monitor import RoutingMonitor, routing_stats
+from smolds.model.moe import MoE
+from smolds.model.router import RoutingStats, routers
+from smolds.monitor.live import RoutingMonitor
+from smolds.monitor.stats import routing_stats
 
 
 def stack(cfg, seed=0):
@@ -54,16 +56,17 @@ def check(ep: bool, rank: int, world: int, solo_group):
             moe.experts.forward = counting
     torch.manual_seed(1)
     batch = torch.randn(2 * world, 9, 32) + torch.randn(32)  # one shared direction: an uneven load
-    mon_ref = RoutingMonitor.for_model(ref, ep_size=world, group=solo_group)
+    mon_ref = RoutingMonitor.for_model(ref, ep_size=world)
     mon = RoutingMonitor.for_model(dist_model, ep_size=world)
+    stats_ref, stats = RoutingStats(ref, cfg, group=solo_group), RoutingStats(dist_model, cfg)
     for step in range(3):  # the bias moves between steps: later routing depends on the all-reduced counts
         x = batch + 0.1 * step
         route(ref, x)
         route(dist_model, x.chunk(world)[rank])
-        expect = update_router_biases(ref, cfg, group=solo_group)
-        got = update_router_biases(dist_model, cfg)
-        assert torch.equal(got, expect), (ep, step, got, expect)
-        assert got.sum() == x.shape[0] * x.shape[1] * cfg.num_experts_per_tok * 2  # 2 layers
+        expect = stats_ref.end_step()
+        got = stats.end_step()
+        assert torch.equal(got.counts, expect.counts), (ep, step, got.counts, expect.counts)
+        assert got.counts.sum() == x.shape[0] * x.shape[1] * cfg.num_experts_per_tok * 2  # 2 layers
         for a, b in zip(routers(ref), routers(dist_model)):
             assert torch.equal(a.e_score_correction_bias, b.e_score_correction_bias)
         mon_ref.update(expect)
@@ -72,7 +75,7 @@ def check(ep: bool, rank: int, world: int, solo_group):
     for k in ("expert_counts", "maxvio_per_layer", "cv_per_layer", "router_bias", "tokens_per_ep_rank",
               "ep_imbalance_per_layer", "dead_experts_per_layer"):
         assert a[k] == b[k], (ep, k, a[k], b[k])
-    # Router entropy is summed over the ranks' tokens at report time: the whole batch's, as one process's.
+    # Router entropy is summed over the ranks' tokens with the counts: the whole batch's, as one process's.
     assert torch.allclose(torch.tensor(a["router_entropy_per_layer"]), torch.tensor(b["router_entropy_per_layer"]),
                           rtol=1e-5), (ep, a["router_entropy_per_layer"], b["router_entropy_per_layer"])
     if ep:

@@ -11,9 +11,10 @@ from pathlib import Path
 import torch.distributed as dist
 
 import data_prep
-from smolds import ModelConfig, parallel
-from smolds.run_config import RunConfig
-from smolds.train import load_data
+from smolds import ModelConfig
+from smolds.train import parallel
+from smolds.train.config import RunConfig
+from smolds.train.data import load_data
 
 
 def broken_prepare(out_dir, *args, **kwargs):

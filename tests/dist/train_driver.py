@@ -13,9 +13,9 @@ import sys
 
 import torch.distributed as dist
 
-from smolds.model.moe import routers
-from smolds.run_config import RunConfig
-from smolds.train import train
+from smolds.model.router import RoutingStats
+from smolds.train.config import RunConfig
+from smolds.train.loop import Preemption, train
 
 
 def losses(out_dir, key="loss"):
@@ -26,9 +26,7 @@ def losses(out_dir, key="loss"):
 def main():
     out_json, data_dir, root, *runs = sys.argv[1:]
     results = {}
-    import smolds.train as t
-
-    real_requested = t.Preemption.requested
+    real_requested = Preemption.requested
     for spec in runs:
         name, _, overrides = spec.partition(":")
         overrides = overrides.split()
@@ -42,14 +40,14 @@ def main():
         cfg = RunConfig.load(None, [*overrides, "--data.dir", data_dir, "--train.out_dir", out_dir,
                                     "--logging.wandb", "disabled"])
         captured = {}
-        original = t.update_router_biases
+        original = RoutingStats.end_step
 
-        def spy(model, model_cfg, group=None):
-            counts = original(model, model_cfg, group)
-            captured["bias"] = [r.e_score_correction_bias.tolist() for r in routers(model)]
-            return counts
+        def spy(self, update_bias=True):
+            routed = original(self, update_bias)
+            captured["bias"] = [r.e_score_correction_bias.tolist() for r in self.routers]
+            return routed
 
-        t.update_router_biases = spy
+        RoutingStats.end_step = spy
         if preempt_at:  # a preemption signal arrives during that step (the real SIGTERM path after it)
             checks = {"n": 0}
 
@@ -57,10 +55,10 @@ def main():
                 checks["n"] += 1  # the first check is the one before step 1
                 return checks["n"] == at + 1
 
-            t.Preemption.requested = requested
+            Preemption.requested = requested
         summary = train(cfg, resume=resume)
-        t.update_router_biases = original
-        t.Preemption.requested = real_requested
+        RoutingStats.end_step = original
+        Preemption.requested = real_requested
         results[name] = {"summary": {k: v for k, v in summary.items() if k != "samples"},
                          "bias": captured.get("bias"), "losses": losses(out_dir) if dist.get_rank() == 0 else None,
                          "grad_norms": losses(out_dir, "grad_norm") if dist.get_rank() == 0 else None}

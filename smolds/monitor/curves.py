@@ -17,7 +17,7 @@ import json
 import sys
 from pathlib import Path
 
-from smolds.monitor_plots import _figure, _save
+from smolds.monitor.plots import _figure, _save
 
 FIGSIZE = (13.5, 7.0)  # inches, 1350 x 700 pixels at the monitor's DPI
 PANELS = [  # (title, row kind, key, log scale)

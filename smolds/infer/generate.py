@@ -36,7 +36,9 @@ from collections.abc import Iterator, Sequence
 
 import torch
 
-from smolds.checkpoint import CheckpointError, TextTokenizer, load_pretrained
+from smolds.model.transformer import eval_mode
+from smolds.pretrained import CheckpointError, load_pretrained
+from smolds.tokenizer import TextTokenizer
 
 
 # ------------------------------------------------------------------------------------------------ sampling
@@ -210,35 +212,33 @@ def generate_tokens(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: 
 
     mode = compile_mode(compile, device)
     static = static or mode is not None
-    was_training = model.training
-    model.eval()
-    cache = None
-    try:
-        length = T + max_new_tokens - 1  # the last token is sampled, never fed back
-        cache = static_cache(model, B, length, mode) if static else model.new_cache(B, length)
-        _busy_caches.add(cache)
-        logits = model(ids, cache=cache, pad_mask=None if bool(pad_mask.all()) else pad_mask,
-                       last_only=True).logits[:, -1]  # [B, V]
-        cls = type(model)
-        step_fn = None if not static else cls.decode_step if mode is None else _compiled_decode_step(cls, mode)
-        for step in range(max_new_tokens):
-            nxt = sample_next(logits, temperature, top_k, top_p, generator)  # [B]
-            out = [None if d else t for t, d in zip(nxt.tolist(), done.tolist())]
-            yield out
-            done |= torch.isin(nxt, eos)
-            if step == max_new_tokens - 1 or bool(done.all()):
-                return
-            if step_fn is None:
-                logits = model(nxt[:, None], cache=cache, last_only=True).logits[:, -1]
-            else:
-                if mode is not None and device.type == "cuda":
-                    torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are consumed
-                logits = step_fn(model, nxt[:, None], cache)
-                cache.length += 1
-    finally:
-        if cache is not None:
-            _busy_caches.discard(cache)
-        model.train(was_training)
+    with eval_mode(model):
+        cache = None
+        try:
+            length = T + max_new_tokens - 1  # the last token is sampled, never fed back
+            cache = static_cache(model, B, length, mode) if static else model.new_cache(B, length)
+            _busy_caches.add(cache)
+            logits = model(ids, cache=cache, pad_mask=None if bool(pad_mask.all()) else pad_mask,
+                           last_only=True).logits[:, -1]  # [B, V]
+            cls = type(model)
+            step_fn = None if not static else cls.decode_step if mode is None else _compiled_decode_step(cls, mode)
+            for step in range(max_new_tokens):
+                nxt = sample_next(logits, temperature, top_k, top_p, generator)  # [B]
+                out = [None if d else t for t, d in zip(nxt.tolist(), done.tolist())]
+                yield out
+                done |= torch.isin(nxt, eos)
+                if step == max_new_tokens - 1 or bool(done.all()):
+                    return
+                if step_fn is None:
+                    logits = model(nxt[:, None], cache=cache, last_only=True).logits[:, -1]
+                else:
+                    if mode is not None and device.type == "cuda":
+                        torch.compiler.cudagraph_mark_step_begin()  # the last step's graph outputs are consumed
+                    logits = step_fn(model, nxt[:, None], cache)
+                    cache.length += 1
+        finally:
+            if cache is not None:
+                _busy_caches.discard(cache)
 
 
 def generate_ids(model, prompt_ids: Sequence[Sequence[int]], max_new_tokens: int, **kwargs) -> list[list[int]]:
@@ -263,11 +263,9 @@ def generate_ids_uncached(model, prompt_ids: Sequence[Sequence[int]], max_new_to
                           seed: int | None = None, eos_token_ids: Sequence[int] = ()) -> list[list[int]]:
     """The slow reference: no cache, no padding; each row alone, the whole sequence recomputed every step."""
     check_sampling(max_new_tokens, temperature, top_k, top_p)
-    was_training = model.training
-    model.eval()
     device = model.embed_tokens.weight.device
     outs = []
-    try:
+    with eval_mode(model):
         for p in fit_prompts(prompt_ids, max_new_tokens, model.config.max_position_embeddings):
             generator = _generator(device, seed)
             seq, new = list(p), []
@@ -279,8 +277,6 @@ def generate_ids_uncached(model, prompt_ids: Sequence[Sequence[int]], max_new_to
                 seq.append(t)
                 new.append(t)
             outs.append(new)
-    finally:
-        model.train(was_training)
     return outs
 
 

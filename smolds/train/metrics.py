@@ -49,6 +49,11 @@ class MetricsLogger:
         self.bar = tqdm(total=total_steps, initial=start_step, desc="train", unit="step", dynamic_ncols=True,
                         file=sys.stderr, disable=not sys.stderr.isatty() and os.environ.get("SMOLDS_PROGRESS") != "1")
 
+    @property
+    def wandb_dir(self) -> Path | None:
+        """Where wandb writes this run (None when wandb is off)."""
+        return self.out_dir / "wandb" if self.wandb is not None else None
+
     def _wandb_id(self) -> str:
         """One wandb run per output dir, so a resumed run continues the same curves."""
         f = self.out_dir / "wandb_id"
@@ -83,11 +88,11 @@ class MetricsLogger:
             print(line, flush=True)
 
     def draw_curves(self, step: int):
-        """Redraw OUT_DIR/curves.png (smolds.curves) from the JSONL so far; a drawing error is logged, not raised."""
+        """Redraw OUT_DIR/curves.png (smolds.monitor.curves) from the JSONL so far; a drawing error is logged, not raised."""
         if not self.enabled:
             return
         try:
-            from smolds.curves import plot_runs
+            from smolds.monitor.curves import plot_runs
 
             self.jsonl.flush()
             self.log_image(step, "curves", plot_runs([self.out_dir], self.out_dir / "curves.png"))

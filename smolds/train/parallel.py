@@ -99,6 +99,12 @@ def any_rank(flag: bool, device) -> bool:
     return bool(all_reduce_(t, op=dist.ReduceOp.MAX).item() > 0)
 
 
+def all_ranks(flag: bool, device) -> bool:
+    """True on every rank when `flag` is True on every rank (a collective: every rank must call it)."""
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    return bool(all_reduce_(t, op=dist.ReduceOp.MIN).item() > 0)
+
+
 def barrier():
     if dist.is_available() and dist.is_initialized():
         dist.barrier()

@@ -31,8 +31,10 @@ from safetensors.torch import load_file, save_file
 
 from data_prep.errors import first_line
 from data_prep.pack import write_atomic
-from smolds.model.moe import RoutedExperts, routers
-from smolds.parallel import barrier
+from smolds.model.experts import RoutedExperts
+from smolds.model.router import routers
+from smolds.train.config import TrainError
+from smolds.train.parallel import barrier
 
 STATE_FILE = "trainer_state.json"
 
@@ -43,9 +45,9 @@ class ResumeError(RuntimeError):
 
 def _why(e: BaseException) -> str:
     """A library exception in a few words: its type and the start of its first line."""
-    line = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    line = first_line(e)
     line = line if len(line) <= 100 else line[:100].rsplit(" ", 1)[0] + " ..."
-    return f"{type(e).__name__}: {line}" if line else type(e).__name__
+    return f"{type(e).__name__}: {line}" if line != type(e).__name__ else line
 
 
 def _fix(ckpt_root: Path, bad: Path | None = None) -> str:
@@ -124,18 +126,41 @@ def latest_checkpoint(ckpt_root: Path) -> Path | None:
     return path
 
 
-def save(engine, model, ckpt_root: Path, step: int, trainer_state: dict, *, is_main: bool, ep_group=None,
-         keep: int = 2, export=None):
-    """Save every rank's share; `export(state_dict, out_dir)` writes the consolidated copy on rank 0."""
+def step_name(step: int) -> str:
+    return f"step_{step:07d}"
+
+
+def layout(world: int, zero_stage: int, ep_size: int) -> dict:
+    """What DeepSpeed's checkpoint files depend on: ZeRO shards per data-parallel rank, experts per EP rank."""
+    return {"ranks": world, "zero_stage": zero_stage, "ep_size": ep_size}
+
+
+def check_layout(saved: dict | None, now: dict, path: Path):
+    """Resuming needs the checkpoint's layout (ZeRO-0 tolerates another rank count). Every rank reads the
+    same file, so all raise together."""
+    if not saved or saved == now:
+        return
+    if saved["zero_stage"] == now["zero_stage"] == 0 and saved["ep_size"] == now["ep_size"]:
+        return  # ZeRO-0 keeps the whole optimizer state in one file
+    shape = lambda d: f"{d['ranks']} rank(s), ZeRO-{d['zero_stage']}, ep_size {d['ep_size']}"
+    raise TrainError(f"checkpoint {path} was written by {shape(saved)} but this run has {shape(now)}; resume with "
+                     f"the same layout, or start a new run from its weights with --train.init_from {path} "
+                     "(optimizer state and data position start over)")
+
+
+def save(engine, ckpt_root: Path, step: int, trainer_state: dict, *, is_main: bool, keep: int = 2, export=None):
+    """Save every rank's share of `engine` (smolds.train.engine.Engine); `export(state_dict, out_dir)` writes
+    the consolidated copy on rank 0."""
+    model, ep_group = engine.model, engine.ep_group
     ckpt_root = Path(ckpt_root)
-    tag = f"step_{step:07d}"
+    tag = step_name(step)
     tmp = ckpt_root / f"{tag}.tmp"
     if is_main:
         ckpt_root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(ckpt_root / tag, ignore_errors=True)
     barrier()
-    engine.save_checkpoint(str(tmp), tag=tag, client_state={"smolds_step": step}, save_latest=False)
+    engine.save_files(tmp, tag, step)
     if ep_group is not None:
         ep_rank = dist.get_rank(ep_group)
         if dist.get_rank() < dist.get_world_size(ep_group):  # the first EP group holds every expert once
@@ -169,17 +194,18 @@ def read_trainer_state(path: Path) -> dict:
     return state
 
 
-def load(engine, model, path: Path, ep_group=None) -> dict:
-    """Restore engine (weights, optimizer shards) and return the trainer state; biases and RNG restored."""
+def load(engine, path: Path) -> dict:
+    """Restore `engine` (weights, optimizer shards) and return the trainer state; biases and RNG restored."""
     path = Path(path)
+    model, ep_group = engine.model, engine.ep_group
     tag = path.name
     state = read_trainer_state(path)  # first: a damaged one is refused before DeepSpeed reads anything
     try:
-        load_path, _ = engine.load_checkpoint(str(path), tag=tag, load_module_strict=True)
+        found = engine.load_files(path, tag)
     except Exception as e:  # a truncated or missing file surfaces as assorted torch/DeepSpeed errors
         raise ResumeError(f"checkpoint {path} cannot be loaded ({_why(e)}); it is damaged or not this model's: "
                           + _fix(path.parent, path)) from None
-    if load_path is None:
+    if not found:
         raise ResumeError(f"DeepSpeed could not load the checkpoint in {path}; it may be incomplete or from "
                           "another run: " + _fix(path.parent, path))
     if ep_group is not None:

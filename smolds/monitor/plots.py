@@ -122,8 +122,9 @@ def maxvio_bars(maxvio, layer_ids, path, title: str = "MaxVio_global per layer")
     return _save(fig, path)
 
 
-def bias_panels(steps, bias: np.ndarray, layer_ids, path, title: str = "router bias per expert (color: expert index, dark = 0)") -> Path:
-    """bias [T, L, E]: one panel per layer, one line per expert over steps (bars when T == 1)."""
+def bias_panels(steps, bias: np.ndarray, layer_ids, path, title: str = "router bias per expert (one color per expert)") -> Path:
+    """bias [T, L, E]: one panel per layer, one line per expert over steps (bars when T == 1). Experts get
+    distinct colors (tab20, then tab20b/c: 60 before a color repeats), the first panel a legend up to 20."""
     from matplotlib import colormaps
 
     bias = np.asarray(bias, dtype=float)
@@ -131,7 +132,8 @@ def bias_panels(steps, bias: np.ndarray, layer_ids, path, title: str = "router b
     fig = _figure(panel_figsize(L))
     cols = max(1, min(PANEL_COLS, L))
     rows = max(1, math.ceil(L / cols))
-    colors = colormaps["viridis"](np.linspace(0, 1, max(E, 1)))
+    palette = np.concatenate([colormaps[m](np.arange(20)) for m in ("tab20", "tab20b", "tab20c")])
+    colors = palette[np.arange(max(E, 1)) % len(palette)]
     for i, lid in enumerate(layer_ids):
         ax = fig.add_subplot(rows, cols, i + 1)
         if T == 1:
@@ -139,8 +141,10 @@ def bias_panels(steps, bias: np.ndarray, layer_ids, path, title: str = "router b
             ax.set_xlabel("expert", fontsize=7)
         else:
             for e in range(E):
-                ax.plot(steps, bias[:, i, e], lw=0.7, color=colors[e])
+                ax.plot(steps, bias[:, i, e], lw=0.7, color=colors[e], label=str(e))
             ax.set_xlabel("step", fontsize=7)
+            if i == 0 and E <= 20:
+                ax.legend(fontsize=5, ncol=2, title="expert", title_fontsize=5, loc="best", frameon=False)
         ax.axhline(0, color="gray", lw=0.5)
         ax.set_title(f"layer {lid}", fontsize=8)
         ax.tick_params(labelsize=6)
@@ -161,3 +165,28 @@ def write_report(path, title: str, summary: list[str], table_md: str, images: di
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
     return path
+
+
+def layer_table(s: dict, layer_ids, maxvio_name: str = "MaxVio") -> tuple[str, str]:
+    """(plain text, Markdown) per-layer table of a routing_stats-like dict."""
+    cols = ["layer", "share min", "share max", maxvio_name, "CV", "dead experts"]
+    has_bias = "bias_min" in s
+    has_ent = "router_entropy_per_layer" in s
+    cols += ["bias min", "bias max"] if has_bias else []
+    cols += ["router entropy"] if has_ent else []
+    body = []
+    for i, lid in enumerate(layer_ids):
+        dead = s["dead_experts_per_layer"][i]
+        cells = [str(lid), f"{s['load_share_min'][i]:.2%}", f"{s['load_share_max'][i]:.2%}",
+                 f"{s['maxvio_per_layer'][i]:.3f}", f"{s['cv_per_layer'][i]:.3f}",
+                 f"[{','.join(map(str, dead))}]" if dead else "-"]
+        if has_bias:
+            cells += [f"{s['bias_min'][i]:+.4f}", f"{s['bias_max'][i]:+.4f}"]
+        if has_ent:
+            cells += [f"{s['router_entropy_per_layer'][i]:.3f}"]
+        body.append(cells)
+    widths = [max(len(c), *(len(r[j]) for r in body)) for j, c in enumerate(cols)]
+    text = "\n".join("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in [cols, *body])
+    md = "\n".join(["| " + " | ".join(cols) + " |", "|" + "---:|" * len(cols)]
+                   + ["| " + " | ".join(r) + " |" for r in body])
+    return text, md

@@ -12,8 +12,7 @@ import argparse
 import sys
 from collections.abc import Iterator
 
-from smolds.checkpoint import IM_END, TextTokenizer
-from smolds.generate import (
+from smolds.infer.generate import (
     add_sampling_args,
     check_sampling_args,
     fit_prompts,
@@ -21,6 +20,7 @@ from smolds.generate import (
     sampling_kwargs,
     stream,
 )
+from smolds.tokenizer import IM_END, TextTokenizer
 
 
 class ChatSession:

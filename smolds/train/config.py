@@ -18,6 +18,10 @@ from smolds.config import ConfigError, ModelConfig, YamlDataclass, coerce_number
 DEFAULT_DATA_DIR = "data/pydoc-bpe4096"  # where the embedded default corpus is prepared
 
 
+class TrainError(RuntimeError):
+    """A run that cannot start or go on as configured (data, checkpoint, weights); the message names the fix."""
+
+
 @dataclass
 class DataConfig:
     # shards from `smolds prep` (the default dir is prepared on first use), or a weighted mixture of such
