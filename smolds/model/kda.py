@@ -160,9 +160,8 @@ def kda_chunked(q, k, v, g, beta, scale: float, chunk_size: int, state: torch.Te
     q, k, v, g = (x.reshape(B, H, N, C, x.shape[-1]) for x in (q, k, v, g))
     beta = beta.reshape(B, H, N, C, 1)
     g_in = g.cumsum(-2)  # [B,H,N,C,K] log decay from the chunk's start through each token
-    A, P = _decayed_dots((k, q), k, g)  # [B,H,N,C,C] each, j <= i
-    A = A.tril(-1) * beta  # strictly lower
-    wu = torch.linalg.solve_triangular(A, beta * torch.cat([k * g_in.exp(), v], -1), upper=False,
+    A, P = _decayed_dots((k, q), k, g)  # [B,H,N,C,C] each, j <= i (unitriangular: the solve reads A's j < i)
+    wu = torch.linalg.solve_triangular(A * beta, beta * torch.cat([k * g_in.exp(), v], -1), upper=False,
                                        unitriangular=True)  # [B,H,N,C,K+V] (I + A)^-1 beta [exp(g) k | v]
     w, u = wu.split([K, V], dim=-1)
     q_in = q * g_in.exp()  # [B,H,N,C,K] decayed from the chunk's start
