@@ -33,7 +33,7 @@ import numpy as np
 import torch
 
 from data_prep.errors import DataError
-from data_prep.reader import TokenWindows
+from data_prep.reader import TokenWindows, consumed
 
 
 def normalized_weights(sources: dict) -> dict[str, float]:
@@ -162,6 +162,10 @@ class MixedWindows:
                 "seed": self.seed, "seq_len": self.seq_len, "split": self.split}
 
     def load_state_dict(self, state: dict) -> None:
+        if not isinstance(state, dict) or not isinstance(state.get("mixture", []), list) or not all(
+                isinstance(s, dict) and {"name", "fingerprint", "weight"} <= s.keys() for s in state.get("mixture", [])):
+            raise DataError("the saved data position is not one of a mixture; the checkpoint is damaged: "
+                            "resume from another, or start a new run from the weights")
         if "mixture" not in state:
             raise DataError("the saved data position is for a single directory, this run reads a mixture; "
                             "resume with the same data.dir, or start a new run from the weights")
@@ -179,7 +183,7 @@ class MixedWindows:
             raise DataError(f"the saved data position is for the mixture [{said(saved)}], this run's is "
                             f"[{said(mine['mixture'])}]; resume with the same sources, order and weights, or "
                             "start a new run from the weights (changed weights would first be caught up)")
-        self.consumed = [int(s["consumed_windows"]) for s in saved]
+        self.consumed = [consumed(s) for s in saved]
 
 
 def open_windows(spec: str | os.PathLike | dict, split: str = "val", seq_len: int = 1024, **kw):

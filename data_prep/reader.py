@@ -19,7 +19,6 @@ with only the requested windows read, so memory does not grow with the dataset.
 from __future__ import annotations
 
 import hashlib
-import json
 import math
 import os
 from collections.abc import Iterator
@@ -29,8 +28,10 @@ import numpy as np
 import torch
 
 from data_prep.errors import DataError
+from data_prep.pack import _sha256_file, load_manifest
 
 FEISTEL_ROUNDS = 6
+HASH_BUDGET = 1 << 30  # bytes of shards `check_dataset` hashes at a start (about a second)
 
 
 class TokenWindows:
@@ -47,7 +48,7 @@ class TokenWindows:
     def __init__(self, data_dir: str | os.PathLike, split: str = "train", seq_len: int = 1024, seed: int = 0,
                  dp_rank: int = 0, dp_size: int = 1):
         self.data_dir = Path(data_dir)
-        manifest = _load_manifest(self.data_dir)
+        manifest = load_manifest(self.data_dir)
         if split not in manifest["splits"]:
             raise DataError(f"split {split!r} does not exist; use one of {', '.join(manifest['splits'])}")
         if seq_len < 1 or dp_size < 1 or not 0 <= dp_rank < dp_size:
@@ -118,22 +119,30 @@ class TokenWindows:
                 "split": self.split, "fingerprint": self.manifest["fingerprint"]}
 
     def load_state_dict(self, state: dict) -> None:
-        if "mixture" in state:
+        if isinstance(state, dict) and "mixture" in state:
             raise DataError("the saved data position is for a mixture of directories (data_prep.mixture), this "
                             "reader has one; resume with the same data.dir mapping, or start the data from the beginning")
+        consumed(state)
         for key in ("fingerprint", "split", "seq_len", "seed"):
             mine = self.state_dict()[key]
             if state.get(key) != mine:
                 raise DataError(f"the saved data position is for {key}={state.get(key)!r}, this reader has "
                                 f"{mine!r}; resume with the same dataset, split, seq_len and seed, "
                                 "or start the data from the beginning")
-        self.consumed_windows = int(state["consumed_windows"])
+        self.consumed_windows = consumed(state)
 
     def _batch(self, ids: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
         span = self.seq_len + 1
         buf = np.empty((len(ids), span), dtype=np.int64)  # (B, T+1)
         for row, w in enumerate(ids):
             self._read(int(w) * span, buf[row])
+        if len(ids) and buf.max() >= self.vocab_size:  # a corrupt shard: an embedding lookup would fail or lie
+            row, col = np.unravel_index(int(buf.argmax()), buf.shape)
+            start = int(ids[row]) * span + int(col)
+            shard = self._files[int(np.searchsorted(self._offsets, start, side="right")) - 1]
+            raise DataError(f"{shard} holds token id {int(buf.max())}, not below the dataset's vocab_size "
+                            f"{self.vocab_size}; the shard is corrupt: run `smolds prep --verify {self.data_dir}`, "
+                            "then re-create the dataset")
         data = torch.from_numpy(buf)
         return data[:, :-1].contiguous(), data[:, 1:].contiguous()  # x, y: (B, T)
 
@@ -195,14 +204,47 @@ def _epoch_key(seed: int, epoch: int) -> tuple[int, ...]:
     return tuple(int.from_bytes(digest[8 * r:8 * r + 8], "little") for r in range(FEISTEL_ROUNDS))
 
 
-def _load_manifest(data_dir: Path) -> dict:
-    path = data_dir / "manifest.json"
-    if not path.is_file():
-        if (data_dir / "progress.json").is_file():
-            raise DataError(f"{data_dir} holds an unfinished prep run; rerun the same `smolds prep` command "
-                            "to finish it")
-        raise DataError(f"{data_dir} has no manifest.json; run `smolds prep SOURCES --out {data_dir}` first")
-    try:
-        return json.loads(path.read_text())
-    except ValueError:
-        raise DataError(f"{path} is not valid JSON; re-create the dataset with `smolds prep ... --overwrite`") from None
+def consumed(state) -> int:
+    """The `consumed_windows` of a saved position; DataError when the position is not one."""
+    n = state.get("consumed_windows") if isinstance(state, dict) else None
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise DataError(f"the saved data position {state!r} has no count of consumed windows; the checkpoint is "
+                        "damaged: resume from another, or start the data from the beginning")
+    return n
+
+
+def check_dataset(data_dir: str | os.PathLike, hash_budget: int = HASH_BUDGET, rotate: int = 0) -> None:
+    """Check a dataset before training or evaluating on it, at a bounded cost; DataError (one line) if damaged.
+
+    Always: the manifest's fields, tokenizer.json's sha256 against the manifest (another tokenizer, e.g. of
+    another vocabulary size, would be copied into every checkpoint), and every shard's size (a truncated or
+    deleted file). Then the sha256 of whole shards, up to `hash_budget` bytes: every shard of a dataset that
+    fits (the default, 1 GiB, hashes in about a second), else a run of shards starting at shard
+    `rotate % count` (the trainer passes the step it starts from, so restarts check different shards).
+    Hashing all of a large dataset at every start would cost minutes on every rank; `smolds prep --verify`
+    does that once, on demand.
+    """
+    out = Path(data_dir)
+    manifest = load_manifest(out)
+    fix = f"run `smolds prep --verify {out}`, then re-create the dataset (its command with --overwrite)"
+    tok = out / manifest["tokenizer"]["file"]
+    if not tok.is_file():
+        raise DataError(f"{tok} is missing; the prepared data is incomplete: {fix}")
+    if _sha256_file(tok) != manifest["tokenizer"]["sha256"]:
+        raise DataError(f"{tok} is not the tokenizer the shards were made with (its sha256 differs from "
+                        f"manifest.json's); put that one back, or {fix.split(', then ')[1]}")
+    itemsize = np.dtype(manifest["dtype"]).itemsize
+    shards = [sh for split in manifest["splits"].values() for sh in split["shards"]]
+    for sh in shards:
+        path, size = out / sh["file"], sh["tokens"] * itemsize
+        if not path.is_file() or path.stat().st_size != size:
+            have = f"{path.stat().st_size} bytes" if path.is_file() else "missing"
+            raise DataError(f"shard {path} is {have}, the manifest says {size} bytes; {fix}")
+    start = rotate % len(shards) if shards else 0
+    spent = 0
+    for sh in shards[start:] + shards[:start]:
+        if spent and spent + sh["tokens"] * itemsize > hash_budget:
+            break
+        if _sha256_file(out / sh["file"]) != sh["sha256"]:
+            raise DataError(f"shard {out / sh['file']}: sha256 differs from the manifest (corrupt or changed); {fix}")
+        spent += sh["tokens"] * itemsize

@@ -201,7 +201,7 @@ def test_same_bytes_whatever_the_worker_count(tmp_path, corpus, reference, monke
 
 def test_resume_after_crash_gives_the_same_shards(tmp_path, corpus, reference, monkeypatch):
     out = tmp_path / "out"
-    real_save, calls = pack._save_progress, []
+    real_save, calls = pack.save_progress, []
 
     def crash_on_seventh(out_dir, state):
         calls.append(json.loads(json.dumps(state)))
@@ -209,11 +209,11 @@ def test_resume_after_crash_gives_the_same_shards(tmp_path, corpus, reference, m
             raise KeyboardInterrupt("simulated crash")
         real_save(out_dir, state)
 
-    monkeypatch.setattr(pack, "_save_progress", crash_on_seventh)
+    monkeypatch.setattr(pack, "save_progress", crash_on_seventh)
     args = dict(vocab_size=600, shard_tokens=1000, val_fraction=0.2, progress=False)
     with pytest.raises(KeyboardInterrupt):
         prepare(corpus, out, workers=1, **args)
-    monkeypatch.setattr(pack, "_save_progress", real_save)
+    monkeypatch.setattr(pack, "save_progress", real_save)
 
     progress = json.loads((out / "progress.json").read_text())
     assert not (out / "manifest.json").exists()
