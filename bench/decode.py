@@ -42,7 +42,7 @@ import torch
 from presets import model_config  # bench/presets.py: smolds' presets + mid
 
 from smolds import Transformer
-from smolds.generate import compile_mode, generate_tokens
+from smolds.infer.generate import compile_mode, generate_tokens
 from smolds.interop.hf import export_hf
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verify:
             problems = verify(args.verify)
             for problem in problems:
-                print(problem)
+                print(f"smolds prep: error: {problem}", file=sys.stderr)
             if not problems:
                 print(f"{args.verify}: ok, every shard matches its sha256 and the manifest adds up")
             return 1 if problems else 0
@@ -64,7 +64,8 @@ def main(argv: list[str] | None = None) -> int:
                       overwrite=args.overwrite, command=command)
         sources = args.sources or [DEFAULT_SOURCE]
         if args.tasks is None and args.executor is None:
-            prepare(sources, args.out, workers=args.workers or os.cpu_count() or 1, **common)
+            prepare(sources, args.out, workers=(os.cpu_count() or 1) if args.workers is None else args.workers,
+                    **common)
             return 0
         if args.tasks is None:
             p.error("--executor needs --tasks N (the number of slices, one task each)")
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
             slurm = SlurmOptions(partition=args.slurm_partition, time=args.time, merge_time=args.merge_time,
                                  sbatch_args=extra)
         prepare_distributed(sources, args.out, args.tasks, executor=args.executor or "local",
-                            workers=args.workers or 1, slurm=slurm, **common)
+                            workers=1 if args.workers is None else args.workers, slurm=slurm, **common)
     except DataError as e:
         print(f"smolds prep: error: {e}", file=sys.stderr)
         return 2

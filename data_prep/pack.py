@@ -347,7 +347,7 @@ def locked(out: Path):
 
     The kernel drops an flock when its holder dies, so a killed run never leaves this lock held; a live
     holder is waited for, saying so."""
-    with open(out / ".lock", "w") as f:
+    with open(out / ".lock", "a") as f:  # "a": opening it changes nothing
         try:
             fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -19,7 +19,7 @@ import yaml
 ATTENTION_KINDS = ("mla", "gqa", "linear", "kda")
 FFN_KINDS = ("dense", "moe")
 BALANCE_MODES = ("loss_free", "aux_loss", "seq_aux", "loss_free+seq_aux", "none")
-PRESET_DIR = Path(__file__).resolve().parent.parent / "configs" / "models"  # the repo's configs/models
+PRESET_DIR = Path(__file__).resolve().parent / "presets"  # shipped in the wheel (pyproject: package-data)
 
 
 class ConfigError(ValueError):
@@ -69,6 +69,7 @@ class ModelConfig(YamlDataclass):
     qk_nope_head_dim: int = 64
     qk_rope_head_dim: int = 32
     v_head_dim: int = 64
+    mla_use_nope: bool = False  # True: MLA rotates nothing, its rope slice is plain (Kimi Linear; its name)
 
     # multi-head linear attention (kinds "linear" and "kda"; heads = num_attention_heads)
     linear_head_dim: int = 64  # K = V per head (KimiLinear's name)
@@ -166,6 +167,7 @@ class ModelConfig(YamlDataclass):
                  f"kda layers take head dims up to 256 (fla's KDA kernels), got {self.linear_head_dim}")
             need(self.linear_kv_rank is None or "linear" in self.attention_pattern, "linear_kv_rank",
                  "the latent variant is for 'linear' layers only (kda keys and values are full rank); set it to null")
+        need(isinstance(self.mla_use_nope, bool), "mla_use_nope", f"must be true or false, got {self.mla_use_nope!r}")
         for name in ("qk_rope_head_dim", "head_dim"):
             need(getattr(self, name) % 2 == 0, name, "must be even (rotary pairs)")
         if self.moe_layers:

@@ -117,7 +117,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
     """The consolidated directory that `path` designates (see the module docstring for what is accepted)."""
     start = p = Path(path)
     if not p.exists():
-        raise CheckpointError(f"checkpoint {start} does not exist")
+        raise CheckpointError(f"checkpoint {start} does not exist; check the path (a model directory, a training "
+                              "checkpoint or a run directory)")
     if p.is_file():
         if p.name not in (CONFIG_FILE, WEIGHTS_FILE):
             raise CheckpointError(f"checkpoint {start} is a file; pass the directory that holds {CONFIG_FILE}")

@@ -10,6 +10,7 @@ EXPECTED = {
     "smollm2-deepseek-135m": (294_259_776, 140_315_712),
     "tiny": (1_876_480, 1_212_928),
     "smollm2-deepseek-hybrid-135m": (307_943_695, 153_999_631),  # 23 linear + 7 MLA layers
+    "smollm2-kimi-135m": (303_876_559, 149_932_495),  # 23 KDA + 7 MLA (no RoPE) layers
 }
 
 
@@ -44,6 +45,19 @@ def test_deepseek_preset_active_ffn_width_matches_smollm2():
     assert kinds[0] == ("mla", "dense") and set(kinds[1:]) == {("mla", "moe")}
     active_width = cfg.num_experts_per_tok * cfg.moe_intermediate_size + cfg.n_shared_experts * cfg.moe_intermediate_size
     assert active_width == 1536
+
+
+def test_kimi_preset_is_kimi_linears_stack():
+    """KDA : MLA = 3 : 1 (23 : 7 over 30 layers), MLA without RoPE, SmolLM2's width, depth, heads and vocabulary,
+    the DeepSeek preset's MoE."""
+    cfg, deepseek = ModelConfig.from_preset("smollm2-kimi-135m"), ModelConfig.from_preset("smollm2-deepseek-135m")
+    attention = [a for a, _ in cfg.layer_kinds()]
+    assert (attention.count("kda"), attention.count("mla"), cfg.mla_use_nope) == (23, 7, True)
+    assert (cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads, cfg.vocab_size) == (576, 30, 9, 49152)
+    assert cfg.num_attention_heads * cfg.linear_head_dim == cfg.hidden_size
+    assert [f for _, f in cfg.layer_kinds()] == [f for _, f in deepseek.layer_kinds()]
+    moe = ("n_routed_experts", "n_shared_experts", "moe_intermediate_size", "num_experts_per_tok", "balance_mode")
+    assert all(getattr(cfg, k) == getattr(deepseek, k) for k in moe)
 
 
 def test_yaml_round_trip(tmp_path):

@@ -241,7 +241,7 @@ def test_verify_catches_a_flipped_byte(tmp_path, reference, capsys):
     problems = verify(out)
     assert len(problems) == 1 and "train_00007.bin" in problems[0] and "sha256" in problems[0]
     assert cli.main(["--verify", str(out)]) == 1
-    assert "train_00007.bin" in capsys.readouterr().out
+    assert "smolds prep: error: " + str(shard) in capsys.readouterr().err
 
 
 def test_prepared_dir_is_reused_and_a_different_one_refused(tmp_path, corpus, reference):
@@ -330,3 +330,29 @@ def test_workers_need_no_main_guard_and_fail_loudly(tmp_path):
         list(tokenize_in_order([("tag", ["text"])], "not a tokenizer", 0, workers=1))
     with pytest.raises(DataError, match="not valid Unicode"):
         list(tokenize_in_order([("tag", ["lone \ud800 surrogate"])], train_bpe(["ab"], 300).to_str(), 0, 1))
+
+
+def test_a_text_file_without_blank_lines_is_named_and_lines_reads_it(tmp_path, capsys):
+    """#17: WikiText-2 raw (no blank lines) became one document, all of it in train: a warning says so and
+    names the way out, `lines:FILE` (one document per line), which a task-parallel prep cuts the same way."""
+    from data_prep import prepare_distributed
+
+    lines = [p.replace("\n", " ") for p in paragraphs(TOPICS)][:1500]
+    wiki = tmp_path / "wiki.raw"
+    wiki.write_text("\n".join(lines) + "\n")
+    assert sum(map(len, lines)) >= pack.LONE_DOC_CHARS
+    one = prepare([str(wiki)], tmp_path / "one", vocab_size=400, workers=1, progress=False)
+    warning = capsys.readouterr().err.strip()
+    assert one["documents"] == 1 and one["splits"]["val"]["documents"] == 0
+    chars = len(wiki.read_text().rstrip("\n"))
+    assert warning == (f"smolds prep: warning: {wiki}: one document holds 100% of its {chars:,} characters "
+                       "and none of it went to val; a .txt document ends at a blank line: add blank lines between "
+                       f"its documents, or give it as lines:{wiki} to read one document per line")
+    split = prepare([f"lines:{wiki}"], tmp_path / "lines", vocab_size=400, workers=1, progress=False)
+    assert capsys.readouterr().err == ""
+    assert split["documents"] == len(lines) and split["splits"]["val"]["documents"] == 75  # ceil(1499 x 0.05)
+    assert [d for d in iter_documents(resolve_sources([f"lines:{wiki}"]))] == lines
+    tasks = prepare_distributed([f"lines:{wiki}"], tmp_path / "tasks", 3, vocab_size=400, progress=False)
+    assert tasks["splits"] == split["splits"]
+    with pytest.raises(DataError, match="lines: reads text files"):
+        resolve_sources([f"lines:{write_jsonl(tmp_path / 'x.jsonl', ['a'])}"])

@@ -2,10 +2,8 @@
 states, gradients; per-channel and per-head decay); the layer equals transformers' KimiLinearDeltaAttention
 with the same weights; fla's references and kernels agree with ours; cached decoding, left padding, config.
 
-Also a script: `TRITON_INTERPRET=1 python tests/test_kda.py` runs fla's chunk_kda / fused_recurrent_kda kernels
-on CPU under Triton's interpreter (as tests/fla_check.py does for the scalar-decay kind; CUDA:
-`TRITON_F32_DEFAULT=ieee python tests/test_kda.py`) and prints one JSON object; test_fla_kernels_match_pytorch
-runs it in a fresh process (the interpreter must be on before triton is imported).
+fla's chunk_kda / fused_recurrent_kda kernels are held to ours by `tests/fla_check.py kda` (on CPU under Triton's
+interpreter), which test_fla_kernels_match_pytorch runs in a fresh process.
 """
 
 import importlib.util
@@ -21,15 +19,8 @@ import torch.nn.functional as F
 from smolds import ModelConfig, Transformer
 from smolds.config import ConfigError
 from smolds.model.attention import AttnContext
-from smolds.model.kda import (
-    KDA,
-    kda,
-    kda_chunked,
-    kda_layer_reference,
-    kda_recurrent,
-    kda_reference,
-    l2norm,
-)
+from smolds.model.kda import KDA, kda, kda_chunked, kda_recurrent, l2norm
+from smolds.model.reference import kda_layer_reference, kda_reference
 
 HAS_FLA = bool(importlib.util.find_spec("fla") and importlib.util.find_spec("triton"))
 needs_fla = pytest.mark.skipif(not HAS_FLA, reason="needs flash-linear-attention and triton "
@@ -134,12 +125,13 @@ def test_chunked_equals_fla_reference():
 @needs_fla
 def test_fla_kernels_match_pytorch():
     """fla's chunk and fused-recurrent KDA kernels, through `kda(use_fla=True)`, equal the PyTorch form: outputs,
-    final states and the chunk kernel's gradients (this file's __main__). Without CUDA, Triton's interpreter
-    runs the same kernels on CPU (~1 minute); it must be on before triton is imported, hence a fresh process."""
+    final states and the chunk kernel's gradients (tests/fla_check.py kda). Without CUDA, Triton's interpreter
+    runs the same kernels on CPU; it must be on before triton is imported, hence a fresh process."""
     env = dict(os.environ, TRITON_F32_DEFAULT="ieee")  # on CUDA, fp32 dots in fp32 (Triton's default is tf32)
     if not torch.cuda.is_available():
         env["TRITON_INTERPRET"] = "1"
-    run = subprocess.run([sys.executable, __file__], env=env, capture_output=True, text=True, timeout=900)
+    script = os.path.join(os.path.dirname(__file__), "fla_check.py")
+    run = subprocess.run([sys.executable, script, "kda"], env=env, capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stdout + run.stderr[-3000:]
     results = json.loads(run.stdout.strip().splitlines()[-1])
     assert len(results) == 12 and all(r["ok"] for r in results.values()), results
@@ -210,11 +202,14 @@ def test_layer_equals_reference_and_is_causal():
     assert (out2[:, 11:] - out[:, 11:]).abs().amax() > 1e-4
 
 
-@pytest.mark.parametrize("pattern", [["kda"], ["kda", "kda", "kda", "mla"]], ids=["kda", "kda3:mla1"])
+@pytest.mark.parametrize("pattern, nope", [(["kda"], False), (["kda", "kda", "kda", "mla"], False),
+                                           (["kda", "kda", "kda", "mla"], True)],
+                         ids=["kda", "kda3:mla1", "kda3:mla1-nope"])
 @torch.no_grad()
-def test_cached_and_static_decode_equal_full_forward(pattern):
-    """Prefill 6 tokens, then the eager cached forward one token at a time; and the static decode_step."""
-    model = Transformer(_cfg(pattern)).eval()
+def test_cached_and_static_decode_equal_full_forward(pattern, nope):
+    """Prefill 6 tokens, then the eager cached forward one token at a time; and the static decode_step. With
+    MLA with and without RoPE (Kimi Linear's)."""
+    model = Transformer(_cfg(pattern, mla_use_nope=nope)).eval()
     ids = torch.randint(0, 4096, (2, 23))
     full = model(ids).logits
     cache, static = model.new_cache(2, 27), model.new_cache(2, 27)
@@ -229,6 +224,27 @@ def test_cached_and_static_decode_equal_full_forward(pattern):
     H, K, W = 4, 16, 4
     assert all(c.bytes_per_token() == 0 and c.state_bytes() == 2 * H * K * K * 4 + 2 * 3 * H * K * (W - 1) * 4
                for c in kda_caches)
+
+
+@torch.no_grad()
+def test_mla_without_rope_sees_no_positions():
+    """mla_use_nope (Kimi Linear's MLA): the last token's output does not change when the tokens before it are
+    permuted (with RoPE it does); the layer equals the naive reference (the absorbed path: the cached decode
+    test's nope case)."""
+    from smolds.model.mla import MLA
+    from smolds.model.reference import mla_reference
+
+    x = torch.randn(2, 12, 128)
+    perm = torch.cat([torch.randperm(11), torch.tensor([11])])
+    ctx = lambda: AttnContext(positions=torch.arange(12).expand(2, 12))  # noqa: E731
+    for nope in (True, False):
+        attn = MLA(_cfg(["mla"], mla_use_nope=nope)).eval()
+        last, last_permuted = attn(x, ctx())[:, -1], attn(x[:, perm], ctx())[:, -1]
+        if nope:
+            torch.testing.assert_close(last_permuted, last, atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(attn(x, ctx()), mla_reference(attn, x, ctx()), atol=1e-5, rtol=1e-5)
+        else:
+            assert (last_permuted - last).abs().amax() > 1e-3
 
 
 @torch.no_grad()
@@ -286,59 +302,9 @@ def test_init_bf16_and_flops():
     (dict(linear_kv_rank=8), "model.linear_kv_rank: the latent variant is for 'linear' layers only"),
     (dict(linear_conv_kernel_dim=0), "model.linear_conv_kernel_dim: must be a positive integer"),
     (dict(attention_pattern=["kda", "mamba"]), "unknown kind 'mamba'; allowed: mla, gqa, linear, kda"),
+    (dict(mla_use_nope="yes"), "model.mla_use_nope: must be true or false"),
 ])
 def test_config_errors_name_the_fix(change, message):
     with pytest.raises(ConfigError, match=message) as err:
         _cfg(["kda", "mla"], **change)
     assert "\n" not in str(err.value)
-
-
-# ------------------------------------------------------------------ fla's kernels (run as a script)
-
-
-def _fla_kernel_check(device: str) -> dict:
-    """fla (kda(use_fla=True)) against kda_chunked on one set of inputs. K != V, H != B, T crossing fla's
-    64-token chunks and ending mid-chunk, and a scale other than K^-0.5 (fla's default), so a swapped axis,
-    a transposed state or a dropped scale shows."""
-    torch.manual_seed(0)
-    q, k, v, g, beta, state = _inputs(B=1, H=2, T=100, K=32, V=16, dtype=torch.float32, device=device)
-    scale, results = 0.3, {}
-
-    def record(name, got, want):
-        results[name] = {"max_abs_diff": (got - want).abs().max().item(), "max_abs_ref": want.abs().max().item(),
-                         "ok": got.shape == want.shape and got.dtype == want.dtype
-                         and torch.allclose(got, want, atol=1e-4, rtol=1e-4)}
-
-    o, s = kda(q, k, v, g, beta, scale, 64, use_fla=True)  # chunk kernel, from an empty state
-    o_ref, s_ref = kda_chunked(q, k, v, g, beta, scale, 64)
-    record("chunk_o", o, o_ref)
-    record("chunk_state", s, s_ref)
-
-    do, ds = torch.randn_like(o), torch.randn_like(s)  # chunk kernel from a state, forward and backward
-    grads = {}
-    for use_fla in (True, False):
-        leaves = [x.clone().requires_grad_() for x in (q, k, v, g, beta, state)]
-        o, s = kda(*leaves[:5], scale, 64, leaves[5], use_fla=use_fla)
-        ((o * do).sum() + (s * ds).sum()).backward()
-        grads[use_fla] = [o.detach(), s.detach()] + [x.grad for x in leaves]
-    for name, got, want in zip(["o", "state", "dq", "dk", "dv", "dg", "dbeta", "dstate"], grads[True], grads[False]):
-        record(f"chunk_from_state_{name}", got, want)
-
-    outs, s = [], state  # fused recurrent kernel: 3 decode steps from a state
-    for t in range(3):
-        o, s = kda(*(x[:, :, t:t + 1] for x in (q, k, v, g, beta)), scale, 64, s, use_fla=True)
-        outs.append(o)
-    o_ref, s_ref = kda_chunked(*(x[:, :, :3] for x in (q, k, v, g, beta)), scale, 64, state)
-    record("decode_o", torch.cat(outs, 2), o_ref)
-    record("decode_state", s, s_ref)
-    return results
-
-
-if __name__ == "__main__":
-    if os.environ.get("TRITON_INTERPRET") == "1":
-        from fla_check import _interpreter_shims  # tests/ is sys.path[0] when run as a script
-
-        _interpreter_shims()
-    results = _fla_kernel_check("cpu" if os.environ.get("TRITON_INTERPRET") == "1" else "cuda")
-    print(json.dumps(results))
-    sys.exit(0 if all(r["ok"] for r in results.values()) else 1)

@@ -88,8 +88,15 @@ def test_resume_matches_uninterrupted_run(data_dir, tmp_path, monkeypatch):
     train(cfg(data_dir, tmp_path / "part", *common), resume=True)
     full, part = train_losses(tmp_path / "full"), train_losses(tmp_path / "part")
     assert sorted(part) == list(range(1, 13))
-    for step in range(7, 13):
-        assert part[step] == pytest.approx(full[step], rel=1e-6, abs=1e-6), step
+    assert {s: part[s] for s in range(7, 13)} == {s: full[s] for s in range(7, 13)}  # bit for bit
+    # and so is the state it ends in: weights, router biases, Adam's moments and step
+    from safetensors.torch import load_file
+
+    a, b = (tmp_path / r / "checkpoints" / "step_0000012" for r in ("full", "part"))
+    for f in ("consolidated/model.safetensors", "optimizer-00000-of-00001.safetensors"):
+        x, y = load_file(str(a / f)), load_file(str(b / f))
+        assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x), f
+    assert json.loads((a / "trainer_state.json").read_text())["optimizer"]["step"] == 12
 
 
 def test_crash_while_checkpointing_keeps_previous_checkpoint(data_dir, tmp_path, monkeypatch):
@@ -108,7 +115,8 @@ def test_crash_while_checkpointing_keeps_previous_checkpoint(data_dir, tmp_path,
         return real(path, data)
 
     monkeypatch.setattr(ckpt, "write_atomic", crash_on_second_state)
-    with pytest.raises(OSError, match="injected"):
+    with pytest.raises(TrainError, match=r"step 4: writing the checkpoint failed \(disk full \(injected\)\); "
+                                         r"checkpoints/latest still names step_0000002: free space"):
         train(cfg(data_dir, out, *common))
     monkeypatch.setattr(ckpt, "write_atomic", real)
     assert latest_checkpoint(out / "checkpoints").name == "step_0000002"
@@ -227,20 +235,25 @@ def test_cli_reports_errors_in_one_line(capsys, tmp_path):
     assert len(err) == 1 and err[0].startswith("smolds train: error:") and "smolds prep" in err[0]
 
 
-def test_resume_with_another_layout_is_refused_and_init_from_starts_over(data_dir, tmp_path):
+def test_resume_at_another_zero_stage_and_init_from_starts_over(data_dir, tmp_path):
     from safetensors.torch import load_file
 
+    common = ["--train.eval_every", "100", "--train.log_every", "1"]
     out = tmp_path / "run"
-    first = train(cfg(data_dir, out, "--train.steps", "2", "--train.eval_every", "100", "--deepspeed.zero_stage", "1"))
-    # ZeRO-1 shards the optimizer per rank: another stage (or rank count) cannot read them.
-    with pytest.raises(TrainError, match=r"written by 1 rank\(s\), ZeRO-1, ep_size 1 but this run has 1 rank\(s\), "
-                                         r"ZeRO-2.*--train.init_from"):
-        train(cfg(data_dir, out, "--train.steps", "4", "--deepspeed.zero_stage", "2"), resume=True)
+    train(cfg(data_dir, out, *common, "--train.steps", "2", "--deepspeed.zero_stage", "1"))
+    # A checkpoint does not depend on the shape (tests/test_train_distributed.py changes ranks and ep_size):
+    # ZeRO-1's flat partitions resume as ZeRO-2's, and the run goes on as one that ran at ZeRO-2 throughout.
+    last = train(cfg(data_dir, out, *common, "--train.steps", "4", "--deepspeed.zero_stage", "2"), resume=True)
+    train(cfg(data_dir, tmp_path / "zero2", *common, "--train.steps", "4", "--deepspeed.zero_stage", "2"))
+    resumed, ref = train_losses(out), train_losses(tmp_path / "zero2")
+    assert sorted(resumed) == [1, 2, 3, 4] and resumed == pytest.approx(ref, abs=2e-4)
+    note = next(line for line in (out / "train.log").read_text().splitlines() if "another shape" in line)
+    assert "(1 rank(s), ZeRO-1, ep_size 1 -> 1 rank(s), ZeRO-2, ep_size 1)" in note and "each rank continues" in note
     # --train.init_from: the new run starts from those weights (lr 0 keeps them, so its export equals them;
     # the router biases still take their one sign-rule step, so they are compared to within that step).
     again = train(cfg(data_dir, tmp_path / "again", "--train.steps", "1", "--train.eval_every", "100",
                       "--train.lr", "0", "--deepspeed.zero_stage", "2", "--train.init_from", str(out)))
-    a = load_file(str(Path(first["checkpoint"]) / "consolidated" / "model.safetensors"))
+    a = load_file(str(Path(last["checkpoint"]) / "consolidated" / "model.safetensors"))
     b = load_file(str(Path(again["checkpoint"]) / "consolidated" / "model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
@@ -281,8 +294,13 @@ def test_damaged_checkpoints_are_refused_in_one_line(data_dir, tmp_path, capsys)
     state.write_bytes(good[:20])
     assert "echo step_0000001 > " in refused("trainer_state.json cannot be read")
     state.write_bytes(good)
-    weights = next((root / "step_0000002").rglob("mp_rank_00_model_states.pt"))
-    weights.write_bytes(weights.read_bytes()[:1000])
+    moments = root / "step_0000002" / "optimizer-00000-of-00001.safetensors"
+    good = moments.read_bytes()
+    moments.write_bytes(good[:1000])
+    assert "echo step_0000001 > " in refused("checkpoint " + str(root / "step_0000002") + " cannot be loaded")
+    moments.write_bytes(good)
+    weights = root / "step_0000002" / "consolidated" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-1000])
     assert "echo step_0000001 > " in refused("checkpoint " + str(root / "step_0000002") + " cannot be loaded")
     (root / "latest").write_text("step_0000001")  # the way out the message gives
     assert train(cfg(data_dir, out, "--train.steps", "2", "--train.eval_every", "100"), resume=True)["step"] == 2
@@ -290,6 +308,52 @@ def test_damaged_checkpoints_are_refused_in_one_line(data_dir, tmp_path, capsys)
     with pytest.raises(TrainError, match=r"seed=0, this reader has 1.*start a new run from the weights "
                                          r"\(--train.init_from .*step_0000002\)"):
         train(cfg(data_dir, out, "--train.steps", "3", "--train.seed", "1"), resume=True)
+
+
+class _Payload:
+    """Unpickled, this writes a marker file: what a file planted in a checkpoint could do."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return exec, (f"open({self.marker!r}, 'w').write('ran')",)
+
+
+def test_resume_never_unpickles_a_checkpoint_file(data_dir, tmp_path, capsys):
+    """#17: a pickle planted as DeepSpeed's model-states file ran on --resume (DeepSpeed loads its files with
+    weights_only=False). Checkpoints are safetensors + JSON now, and DeepSpeed's files are never read."""
+    import shutil
+
+    from smolds.train import main
+
+    marker, payload = tmp_path / "marker", tmp_path / "payload.pt"
+    torch.save(_Payload(marker), payload)
+    torch.load(payload, weights_only=False)  # the payload works: unpickled, it writes the marker
+    assert marker.exists()
+    marker.unlink()
+
+    def plant(ck):  # where DeepSpeed's loader looked for it, and beside smolds' own files
+        for where in (ck / ck.name, ck):
+            where.mkdir(exist_ok=True)
+            shutil.copy(payload, where / "mp_rank_00_model_states.pt")
+
+    out = tmp_path / "run"
+    train(cfg(data_dir, out, "--train.steps", "2", "--train.eval_every", "100"))
+    plant(latest_checkpoint(out / "checkpoints"))
+    assert train(cfg(data_dir, out, "--train.steps", "3", "--train.eval_every", "100"), resume=True)["step"] == 3
+    assert not marker.exists()
+    # A checkpoint of the older format (DeepSpeed's pickles; no "format" in its trainer state) is refused.
+    ck = latest_checkpoint(out / "checkpoints")
+    plant(ck)
+    state = json.loads((ck / "trainer_state.json").read_text())
+    del state["format"]
+    (ck / "trainer_state.json").write_text(json.dumps(state))
+    capsys.readouterr()
+    assert main([*TINY, "--data.dir", str(data_dir), "--train.out_dir", str(out), "--train.steps", "4", "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "older smolds format" in err[0] and f"--train.init_from {ck}" in err[0], err
+    assert not marker.exists()
 
 
 def test_broken_data_and_device_fail_before_training(data_dir, tmp_path):

@@ -132,6 +132,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     from data_prep.errors import DataError
     from data_prep.mixture import open_windows
+    from data_prep.reader import check_dataset
     from smolds.pretrained import load_pretrained
 
     try:
@@ -141,13 +142,15 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--seq-len {seq_len} exceeds the model's context of {context} tokens; "
                              f"pass --seq-len {context} or less")
         data = open_windows(data_spec, split=args.split, seq_len=seq_len)
+        for source in getattr(data, "sources", [data]):
+            check_dataset(source.data_dir)  # as the trainer does: tokenizer, sizes, hashes up to a budget
         if data.vocab_size > model.config.vocab_size:
             raise ValueError(f"the data's tokenizer has {data.vocab_size} tokens, the model "
                              f"{model.config.vocab_size}: not this model's data (prepare it with the model's tokenizer)")
+        result = evaluate(model, data, batches, batch_size, torch.device(args.device))  # reads check token ids
     except (FileNotFoundError, ValueError, DataError) as e:
         print(f"smolds eval: error: {e}", file=sys.stderr)
         return 2
-    result = evaluate(model, data, batches, batch_size, torch.device(args.device))
     if result["tokens"] == 0:
         print(f"smolds eval: error: the {args.split} split of {data_spec} has no window of --seq-len "
               f"{seq_len} tokens; lower --seq-len or use a larger split", file=sys.stderr)

@@ -20,7 +20,7 @@ DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "f
 def _parser(command: str) -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=f"smolds {command}")
     if command == "import-hf":
-        p.description = "Import a Hugging Face Llama (SmolLM2) or DeepseekV3 model as a smolds checkpoint."
+        p.description = "Import a Hugging Face Llama (SmolLM2), DeepseekV3 or KimiLinear model as a smolds checkpoint."
         p.add_argument("src", help="HF directory (config.json + model.safetensors + tokenizer files) or a Hub "
                                    "repo id such as HuggingFaceTB/SmolLM2-135M")
         p.add_argument("out", help="checkpoint directory to write")
@@ -32,11 +32,14 @@ def _parser(command: str) -> argparse.ArgumentParser:
         p.add_argument("paths", nargs="+", metavar="[PATH] OUT", help="GGUF file (optional), checkpoint to write")
         p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     elif command == "export-hf":
-        p.description = "Export a smolds checkpoint as a Hugging Face directory (DeepseekV3 by default)."
+        p.description = ("Export a smolds checkpoint as a Hugging Face directory (KimiLinear for models with KDA "
+                         "layers, else DeepseekV3).")
         p.add_argument("checkpoint", help="smolds checkpoint (or a trainer run/step directory)")
         p.add_argument("out", help="HF directory to write")
-        p.add_argument("--arch", choices=["deepseek_v3", "llama"], default="deepseek_v3",
-                       help="deepseek_v3: MLA (+ MoE) models; llama: all-GQA dense models")
+        p.add_argument("--arch", choices=["auto", "deepseek_v3", "kimi_linear", "llama"], default="auto",
+                       help="deepseek_v3: MLA (+ MoE) models; kimi_linear: KDA + MLA without RoPE (+ MoE); "
+                            "llama: all-GQA dense models; auto (default): kimi_linear when the model has KDA "
+                            "layers or MLA without RoPE, else deepseek_v3")
         p.add_argument("--dtype", choices=sorted(DTYPES), default="auto", help="default: as saved")
         p.add_argument("--push-to-hub", metavar="REPO_ID", help="then upload the directory to this Hub model repo")
         p.add_argument("--private", action="store_true", help="create the Hub repo as private")

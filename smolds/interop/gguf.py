@@ -145,8 +145,12 @@ def import_gguf(path: str | Path | None = None, dtype: torch.dtype | None = torc
 
     path = Path(path) if path is not None else default_gguf_path()
     if not path.is_file():
-        raise InteropError(f"GGUF file {path} does not exist")
-    reader = GGUFReader(str(path))
+        raise InteropError(f"GGUF file {path} does not exist; check the path")
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as e:  # gguf's reader raises ValueError, struct and index errors on a bad or cut file
+        raise InteropError(f"{path} is not a readable GGUF file ({type(e).__name__}: {str(e).strip()[:100]}); pass a "
+                           "whole .gguf model file") from None
     cfg = gguf_config(reader)
     return build_model(cfg, gguf_state_dict(reader, cfg), dtype, source=str(path)), gguf_tokenizer(reader)
 

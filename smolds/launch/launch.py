@@ -1,9 +1,11 @@
-"""Launch `smolds train` with torchrun: one node, or one node of many (what slurm/pretrain.sbatch runs).
+"""Launch `smolds train` with torchrun: one node, or one node of many (what pretrain.sbatch runs).
 
-    python launch/launch.py --nproc 2 --device cpu --config configs/tiny-cpu.yaml --train.steps 20
-    python launch/launch.py --dry-run --config configs/tiny-cpu.yaml     # print the command, run nothing
-    python launch/launch.py --check                                      # all-reduce smoke test, no training
-    python launch/launch.py --nnodes 4 --rdzv-endpoint head:29400 --rdzv-id JOB --config run.yaml   # each node
+    python -m smolds.launch --nproc 2 --device cpu --config configs/tiny-cpu.yaml --train.steps 20
+    python -m smolds.launch --dry-run --config configs/tiny-cpu.yaml     # print the command, run nothing
+    python -m smolds.launch --check                                      # all-reduce smoke test, no training
+    python -m smolds.launch --nnodes 4 --rdzv-endpoint head:29400 --rdzv-id JOB --config run.yaml   # each node
+
+In a checkout, `python launch/launch.py` is the same (launch/launch.py is a link to this file).
 
 Every flag the launcher does not know belongs to the trainer (`smolds train --help`: `--config`,
 `--resume`, `--section.field value`) and is passed through verbatim.
@@ -41,13 +43,13 @@ from pathlib import Path
 
 PREEMPTED = 75  # EX_TEMPFAIL: the trainer saved a checkpoint on SIGTERM/SIGUSR1; requeue and --resume
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-CHECK_SCRIPT = Path(__file__).resolve().with_name("check_dist.py")
+CHECK_SCRIPT = Path(__file__).absolute().with_name("check_dist.py")  # beside this file, or beside its link
 
 
 def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     """Split argv into launcher options and the trainer's arguments (everything else, in order)."""
     p = argparse.ArgumentParser(
-        prog="launch/launch.py",
+        prog="python -m smolds.launch",
         description="Run `smolds train` under torchrun. Unknown flags are the trainer's.",
         allow_abbrev=False,  # `--res` must reach the trainer, not match a launcher flag
     )
@@ -65,7 +67,7 @@ def parse_args(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     p.add_argument("--shutdown-timeout", type=int, default=300,
                    help="seconds torchrun lets workers save a checkpoint after SIGTERM before killing them")
     p.add_argument("--check", action="store_true",
-                   help="run launch/check_dist.py (all-reduce across every rank) instead of the trainer")
+                   help="run check_dist.py (all-reduce across every rank) instead of the trainer")
     p.add_argument("--dry-run", action="store_true", help="print the environment and command, run nothing")
     args, trainer_args = p.parse_known_args(argv)
     if trainer_args[:1] == ["--"]:
@@ -135,7 +137,7 @@ def check_rendezvous_host(endpoint: str, nnodes: int, allow_loopback: bool) -> N
             f"launch: rendezvous host {host!r} resolves to loopback {loopback} on {socket.gethostname()}, "
             f"but the job has {nnodes} nodes: each node would form its own world and hang. Fix the host's "
             "entry in /etc/hosts or DNS, or pass the first node's routable address "
-            "(slurm/pretrain.sbatch: export SMOLDS_RDZV_HOST=<ip>)."
+            "(pretrain.sbatch: export SMOLDS_RDZV_HOST=<ip>)."
         )
 
 
@@ -182,14 +184,34 @@ def _stop_signal(signum: int, frame) -> None:
     os._exit(PREEMPTED)  # not SystemExit: torch code could catch it, or wait on its threads at exit
 
 
+def _first_sigterm_only(handler):
+    """torchrun's SIGTERM handler raises SignalException, and its agent then forwards the signal and waits
+    (TORCH_ELASTIC_SHUTDOWN_TIMEOUT) for the workers to save and exit. A SIGTERM during that wait raised again
+    out of it, and a third ended the launcher with the workers unwaited for and no checkpoint: Slurm, a user,
+    a script often signal more than once. Only the first SIGTERM is torchrun's; later ones are acknowledged."""
+    fired = []
+
+    def handle(signum, frame):
+        if signum == signal.SIGTERM and fired:
+            os.write(2, b"launch: SIGTERM again: the workers are already stopping (they save, then exit 75)\n")
+            return
+        fired.append(signum)
+        handler(signum, frame)
+
+    return handle
+
+
 def run_torchrun(argv: list[str]) -> int:
     """Run torchrun in this process and return the trainer's exit code (see the module docstring)."""
     from torch.distributed import run as torchrun
+    from torch.distributed.elastic.multiprocessing import api
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
 
     for sig in STOP_SIGNALS:  # main() has done this already; this is for run_torchrun called on its own
         signal.signal(sig, _stop_signal)
+    # the handler torchrun installs when it starts the workers (looked up then, so replaced here)
+    api._terminate_process_handler = _first_sigterm_only(api._terminate_process_handler)
     try:
         torchrun.main(argv)
     except ChildFailedError as e:

@@ -40,7 +40,8 @@ Three forms of the core compute the same o and final state, in fp32 (the decays 
       S_out = Diag(exp(g_C)) S + (k exp(g_C - g))^T v_new.
   Cost O(T*C*(K+V) + T*K*V) time, O(T*(c/2 + M)*K) memory: linear in T.
 - `kda_step` (decode, T = 1) and `kda_recurrent` (the step over every token): the rank-1 form.
-- `kda_reference`: the recurrence above written with the K x K transition matrix, token by token (tests).
+- `smolds.model.reference.kda_reference`: the recurrence above written with the K x K transition matrix, token
+  by token (tests).
 Numerics: Gamma_ij is never formed as exp(g_i) * exp(-g_j) (the second overflows once a chunk decays by
 e^-88), nor as exp(g_i - g_j) of prefix sums (in fp32, a channel that kept its memory since j loses its small
 decays against the large sum of its earlier forgetting: 1e-4 errors). Every exponent is instead the sum of
@@ -338,29 +339,3 @@ class KDA(nn.Module):
         C = min(self.chunk_size, seq_len)
         K = V = self.head_dim
         return float(self.n_heads * (C * (3 * K + 2 * V) + 3 * K * V))
-
-
-# ------------------------------------------------------------------------------- references (for tests)
-
-
-def kda_reference(q, k, v, g, beta, scale: float, state: torch.Tensor | None = None):
-    """The paper's recurrence token by token with the K x K transition matrix,
-    S_t = (I - beta_t k_t k_t^T) Diag(exp(g_t)) S_{t-1} + beta_t k_t v_t^T, o_t = scale S_t^T q_t.
-    Shapes as `kda_chunked`. O(T*K^2*V); for tests."""
-    B, H, T, K = q.shape
-    S = q.new_zeros(B, H, K, v.shape[-1]) if state is None else state
-    eye = torch.eye(K, dtype=q.dtype, device=q.device)
-    outs = []
-    for t in range(T):
-        kt, bt = k[:, :, t, :, None], beta[:, :, t, None, None]  # [B,H,K,1], [B,H,1,1]
-        transition = (eye - bt * kt @ kt.transpose(-1, -2)) * g[:, :, t, None, :].exp()  # [B,H,K,K]
-        S = transition @ S + bt * kt @ v[:, :, t, None, :]
-        outs.append(scale * (S.transpose(-1, -2) @ q[:, :, t, :, None]).squeeze(-1))
-    return torch.stack(outs, dim=2), S
-
-
-def kda_layer_reference(attn: KDA, x: torch.Tensor) -> torch.Tensor:
-    """The whole layer through `kda_reference` (no cache, no padding; slow; for tests)."""
-    q, k, v, g, beta, _ = attn.project(x)
-    o, _ = kda_reference(q, k, v, g, beta, attn.scale)
-    return attn.output(o, x)

@@ -17,6 +17,12 @@ Two paths compute the same attention (like DeepSeek's `attn_impl = "naive" | "ab
 `smolds.model.reference.mla_reference` is the naive textbook form (explicit softmax); tests hold both
 paths equal to it.
 
+No-RoPE mode (`mla_use_nope: true`, Kimi Linear's MLA and its config name): nothing is rotated. The query's
+"rope" slice and the shared key k_rope keep their widths and enter the scores as plain dot products, so the
+weights, the cache (C + R numbers a token) and both paths are unchanged; positions reach the model only
+through the layers that carry them (Kimi Linear's KDA layers, whose short convolution and decays are
+ordered). transformers' KimiLinearAttention computes exactly this.
+
 Parameter names follow Hugging Face's DeepseekV3Attention, so checkpoints map one to one.
 """
 
@@ -71,6 +77,7 @@ class MLA(nn.Module):
         self.qk_dim = self.nope_dim + self.rope_dim
         self.scale = self.qk_dim**-0.5
         self.rope_theta, self.rope_interleave = cfg.rope_theta, cfg.rope_interleave
+        self.use_rope = not cfg.mla_use_nope
         D = cfg.hidden_size
         if cfg.q_lora_rank is None:
             self.q_proj = nn.Linear(D, H * self.qk_dim, bias=False)
@@ -88,16 +95,18 @@ class MLA(nn.Module):
 
     # ----------------------------------------------------------- projections
     def project(self, x: torch.Tensor, ctx: AttnContext):
-        """x [B, T, D] -> q_nope [B,H,T,N], q_rope [B,H,T,R] (rotated), c_kv [B,T,C], k_rope [B,T,R] (rotated)."""
+        """x [B, T, D] -> q_nope [B,H,T,N], q_rope [B,H,T,R], c_kv [B,T,C], k_rope [B,T,R] (q_rope, k_rope
+        rotated unless mla_use_nope)."""
         B, T, _ = x.shape
         q = self.q_proj(x) if hasattr(self, "q_proj") else self.q_b_proj(self.q_a_layernorm(self.q_a_proj(x)))
         q = q.view(B, T, self.n_heads, self.qk_dim).transpose(1, 2)
         q_nope, q_rope = q.split([self.nope_dim, self.rope_dim], dim=-1)
         c_kv, k_rope = self.kv_a_proj_with_mqa(x).split([self.kv_lora_rank, self.rope_dim], dim=-1)
         c_kv = self.kv_a_layernorm(c_kv)
-        cos, sin = ctx.rope(self.rope_dim, self.rope_theta)
-        q_rope = apply_rope(q_rope, cos, sin, self.rope_interleave)
-        k_rope = apply_rope(k_rope, cos, sin, self.rope_interleave)
+        if self.use_rope:
+            cos, sin = ctx.rope(self.rope_dim, self.rope_theta)
+            q_rope = apply_rope(q_rope, cos, sin, self.rope_interleave)
+            k_rope = apply_rope(k_rope, cos, sin, self.rope_interleave)
         return q_nope, q_rope, c_kv, k_rope
 
     def up_weights(self) -> tuple[torch.Tensor, torch.Tensor]:

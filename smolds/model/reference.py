@@ -6,6 +6,8 @@ attention), and each test holds a fast path to one of these:
 - `linear_attention_reference` (quadratic), `linear_attention_recurrent` (token by token) and
   `linear_attention_layer_reference` <- the chunked and decode forms of multi-head linear attention
   (smolds/model/linear_attention.py);
+- `kda_reference` (the K x K transition matrix, token by token) and `kda_layer_reference` <- Kimi Delta
+  Attention's chunked and decode forms (smolds/model/kda.py);
 - `naive_moe_reference` <- the MoE dispatches: sorted grouped products, decode forms, expert parallelism
   (smolds/model/moe.py, smolds/model/expert_parallel.py).
 (RMSNorm's reference, `layers.rms_norm_reference`, stays beside it: the no-grad path runs it.)
@@ -17,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from smolds.model.attention import AttnContext
+from smolds.model.kda import KDA
 from smolds.model.linear_attention import LinearAttention, linear_attention_step
 from smolds.model.mla import MLA
 from smolds.model.moe import MoE
@@ -64,6 +67,29 @@ def linear_attention_layer_reference(attn: LinearAttention, x: torch.Tensor) -> 
     """The whole layer through the quadratic reference (no cache, no padding)."""
     q, k, v, log_decay = attn.project(x, None)
     return attn.output(linear_attention_reference(q, k, v, log_decay, attn.scale), x)
+
+
+def kda_reference(q, k, v, g, beta, scale: float, state: torch.Tensor | None = None):
+    """The paper's recurrence token by token with the K x K transition matrix,
+    S_t = (I - beta_t k_t k_t^T) Diag(exp(g_t)) S_{t-1} + beta_t k_t v_t^T, o_t = scale S_t^T q_t.
+    Shapes as `kda.kda_chunked`. O(T*K^2*V)."""
+    B, H, T, K = q.shape
+    S = q.new_zeros(B, H, K, v.shape[-1]) if state is None else state
+    eye = torch.eye(K, dtype=q.dtype, device=q.device)
+    outs = []
+    for t in range(T):
+        kt, bt = k[:, :, t, :, None], beta[:, :, t, None, None]  # [B,H,K,1], [B,H,1,1]
+        transition = (eye - bt * kt @ kt.transpose(-1, -2)) * g[:, :, t, None, :].exp()  # [B,H,K,K]
+        S = transition @ S + bt * kt @ v[:, :, t, None, :]
+        outs.append(scale * (S.transpose(-1, -2) @ q[:, :, t, :, None]).squeeze(-1))
+    return torch.stack(outs, dim=2), S
+
+
+def kda_layer_reference(attn: KDA, x: torch.Tensor) -> torch.Tensor:
+    """The whole KDA layer through `kda_reference` (no cache, no padding)."""
+    q, k, v, g, beta, _ = attn.project(x)
+    o, _ = kda_reference(q, k, v, g, beta, attn.scale)
+    return attn.output(o, x)
 
 
 def naive_moe_reference(moe: MoE, x: torch.Tensor) -> torch.Tensor:

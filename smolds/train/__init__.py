@@ -9,6 +9,7 @@
     schedule.py     learning-rate schedules (WSD, cosine)
     parallel.py     process groups: rank, world, expert-parallel groups
     preemption.py   SIGTERM/SIGUSR1 -> checkpoint and exit 75 (requeue)
+    jit_locks.py    locks of torch's extension builder: stale ones removed, live ones waited on with a bound
     metrics.py      JSONL, wandb and the progress bar
     cli.py          the `smolds train` command
 

@@ -3,7 +3,8 @@
     smolds train [--config RUN.yaml] [--resume] [--section.field VALUE ...]
 
 Exit codes: 0 done, 2 a problem with the inputs (one line on stderr naming the fix), 75 stopped by
-SIGTERM/SIGUSR1 with a checkpoint saved (requeue and pass --resume).
+SIGTERM/SIGUSR1 with a checkpoint saved (requeue and pass --resume), 1 another rank died or stopped answering
+(one line; the same command with --resume continues from the last checkpoint).
 """
 
 from __future__ import annotations
@@ -37,6 +38,14 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, TrainError, DataError, ResumeError) as e:
         print(f"smolds train: error: {e}", file=sys.stderr)
         return 2
+    except RuntimeError as e:
+        if not lost_peer(e):
+            raise
+        rank, problem = parallel.env_from_launcher()[0], " ".join(str(e).split())
+        print(f"smolds train: error: rank {rank} lost a peer ({problem[:160]}): another rank died or did not answer "
+              f"within train.wait_timeout ({cfg.train.wait_timeout:g} s); see the other ranks' logs, then rerun the "
+              "same command with --resume", file=sys.stderr)
+        return 1
     if summary.get("preempted"):
         return EXIT_PREEMPTED
     if parallel.env_from_launcher()[0] == 0:
@@ -44,8 +53,20 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+def lost_peer(e: RuntimeError) -> bool:
+    """Whether `e` is a collective that failed because another rank is gone or silent: gloo raises plain
+    RuntimeErrors ("Connection closed by peer", "Timed out waiting ... for recv"), NCCL a DistBackendError."""
+    import torch.distributed as dist
+
+    return isinstance(e, dist.DistError) or any(k in str(e) for k in ("gloo", "NCCL", "nccl"))
+
+
 def closing_message(s: dict) -> str:
-    lines = [f"done: {s['step']} steps in {s.get('seconds', 0):.0f} s; loss {s['first_loss']:.3f} -> {s['last_loss']:.3f}"]
+    if s["first_loss"] is None:  # resumed at its last step (killed after its final checkpoint): no step ran
+        lines = [f"done: the run was already at step {s['step']}; nothing to train (raise --train.steps to go on)"]
+    else:
+        lines = [f"done: {s['step']} steps in {s.get('seconds', 0):.0f} s; loss {s['first_loss']:.3f} -> "
+                 f"{s['last_loss']:.3f}"]
     if "val_loss" in s:
         lines.append(f"validation: loss {s['val_loss']:.4f}, perplexity {s['val_ppl']:.2f}"
                      if math.isfinite(s["val_loss"]) else "validation: n/a")

@@ -56,6 +56,9 @@ class TrainConfig:
     checkpoint_every: int = 200
     keep_checkpoints: int = 2
     max_nonfinite_steps: int = 5  # stop after this many non-finite losses in a row
+    # seconds a rank waits for another process before it fails: a peer at the rendezvous or in a collective
+    # (one that died or hangs), a lock of torch's extension builder held by a live process
+    wait_timeout: float = 1800
     # recompute each block in backward instead of keeping its activations (memory for ~1/3 more compute)
     activation_checkpointing: bool = False
     # torch.compile each block (Transformer.compile_blocks): the first steps compile (tens of seconds)
@@ -136,6 +139,9 @@ class RunConfig(YamlDataclass):
             ok = isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi and math.isfinite(v)
             if not ok or (name in ("beta1", "beta2") and v == 1) or (name == "eps" and v == 0):
                 raise ConfigError(f"train.{name}: must be a number {rule}, got {v!r}")
+        if isinstance(t.wait_timeout, bool) or not isinstance(t.wait_timeout, (int, float)) \
+                or not 0 < t.wait_timeout < math.inf:
+            raise ConfigError(f"train.wait_timeout: must be a number of seconds > 0, got {t.wait_timeout!r}")
         for name in ("warmup_steps", "seed"):
             if isinstance(getattr(t, name), bool) or not isinstance(getattr(t, name), int) or getattr(t, name) < 0:
                 raise ConfigError(f"train.{name}: must be an integer >= 0, got {getattr(t, name)!r}")

@@ -16,41 +16,46 @@ from smolds.train import parallel
 from smolds.train.config import DEFAULT_DATA_DIR, RunConfig, TrainError
 
 
-def load_data(cfg: RunConfig, model_cfg: ModelConfig, env: parallel.Env):
-    """(train, val) readers: TokenWindows of one dir, or MixedWindows of a {dir: weight} mixture."""
+def load_data(cfg: RunConfig, model_cfg: ModelConfig, env: parallel.Env, start_step: int = 0):
+    """(train, val) readers: TokenWindows of one dir, or MixedWindows of a {dir: weight} mixture.
+
+    Rank 0 first checks each dir (data_prep.reader.check_dataset: the manifest, tokenizer.json, every
+    shard's size, and the hashes of up to 1 GiB of shards, from shard `start_step` on), and every rank
+    learns the outcome, so none trains on damaged data and none waits for a rank that gave up."""
     from data_prep import TokenWindows, prepare_default
+    from data_prep.errors import DataError
     from data_prep.mixture import MixedWindows
+    from data_prep.reader import check_dataset
 
     common = dict(seq_len=cfg.train.seq_len, seed=cfg.train.seed, dp_rank=env.rank, dp_size=env.world)
-    if isinstance(cfg.data.dir, dict):  # a mixture: every dir is prepared beforehand
-        for d in map(Path, cfg.data.dir):
-            if not (d / "manifest.json").is_file():
-                raise TrainError(_no_shards(d))
-        train = MixedWindows(cfg.data.dir, split="train", **common)
-        val = MixedWindows(cfg.data.dir, split="val", **common)
+    dirs = list(map(Path, cfg.data.dir)) if isinstance(cfg.data.dir, dict) else [Path(cfg.data.dir)]
+    for d in dirs:
+        if not (d / "manifest.json").is_file() and (len(dirs) > 1 or cfg.data.dir != DEFAULT_DATA_DIR):
+            raise TrainError(_no_shards(d))
+    first_use = not (dirs[0] / "manifest.json").is_file()  # the default dir, prepared on first use
+    task = f"prepare the default corpus in {dirs[0]}" if first_use else f"check the data in {cfg.data.dir}"
+    failed = None
+    if env.is_main:
+        try:
+            if first_use:
+                prepare_default(dirs[0])
+            for d in dirs:
+                check_dataset(d, rotate=start_step)
+        except DataError as e:
+            failed = TrainError(str(e))
+        except Exception as e:  # tell the other ranks instead of leaving them waiting in a collective
+            failed = e
+    if parallel.any_rank(failed is not None, env.device) and failed is None:
+        raise TrainError(f"rank 0 could not {task}; see rank 0's error")
+    if failed is not None:
+        raise failed
+    if isinstance(cfg.data.dir, dict):
+        train, val = (MixedWindows(cfg.data.dir, split=s, **common) for s in ("train", "val"))
     else:
-        data_dir = Path(cfg.data.dir)
-        if not (data_dir / "manifest.json").is_file():
-            if cfg.data.dir != DEFAULT_DATA_DIR:
-                raise TrainError(_no_shards(data_dir))
-            failed = None
-            if env.is_main:
-                try:
-                    prepare_default(data_dir)
-                except Exception as e:  # tell the other ranks instead of leaving them waiting in a collective
-                    failed = e
-            if parallel.any_rank(failed is not None, env.device) and failed is None:
-                raise TrainError(f"rank 0 could not prepare the default corpus in {data_dir}; see rank 0's error")
-            if failed is not None:
-                raise failed
-        train = TokenWindows(data_dir, split="train", **common)
-        val = TokenWindows(data_dir, split="val", **common)
-    if not Path(train.tokenizer_path).is_file():  # samples and checkpoints need it: fail now, not at the first eval
-        raise TrainError(f"{train.tokenizer_path} is missing; the prepared data is incomplete: run "
-                             f"`smolds prep --verify {Path(train.tokenizer_path).parent}`, then re-create it")
+        train, val = (TokenWindows(dirs[0], split=s, **common) for s in ("train", "val"))
     if train.vocab_size > model_cfg.vocab_size:
         raise TrainError(f"the data's tokenizer has {train.vocab_size} tokens but model.vocab_size is "
-                             f"{model_cfg.vocab_size}; set --model.vocab_size {train.vocab_size} or re-prepare the data")
+                         f"{model_cfg.vocab_size}; set --model.vocab_size {train.vocab_size} or re-prepare the data")
     return train, val
 
 

@@ -15,6 +15,8 @@ by one step).
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.distributed as dist
 from torch import nn
@@ -25,6 +27,8 @@ from smolds.model.moe import MoE
 from smolds.model.transformer import Transformer
 from smolds.train import parallel
 from smolds.train.config import RunConfig, TrainError
+
+MOMENTS = ("exp_avg", "exp_avg_sq")  # AdamW's state per parameter, besides its step count
 
 
 # ------------------------------------------------------------------------------------------------ model
@@ -103,6 +107,14 @@ def param_groups(model: nn.Module, weight_decay: float, ep: bool) -> list[dict]:
     return [g for g in groups if g["params"]]
 
 
+# DeepSpeed settings smolds derives from the run's own fields: a raw deepspeed.config may repeat them, not contradict them
+OWNED = {("train_micro_batch_size_per_gpu",): "train.micro_batch",
+         ("gradient_accumulation_steps",): "train.grad_accum",
+         ("train_batch_size",): "train.micro_batch x train.grad_accum x ranks",
+         ("zero_optimization", "stage"): "deepspeed.zero_stage",
+         ("bf16", "enabled"): "train.dtype"}
+
+
 def deepspeed_config(cfg: RunConfig, world: int, bf16: bool) -> dict:
     t = cfg.train
     ds = {
@@ -119,9 +131,34 @@ def deepspeed_config(cfg: RunConfig, world: int, bf16: bool) -> dict:
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    for k, v in cfg.deepspeed.config.items():  # the user's raw DeepSpeed settings win
+    owned = {path: _get(ds, path) for path in OWNED}
+    for k, v in cfg.deepspeed.config.items():  # the user's raw DeepSpeed settings win ...
         ds[k] = {**ds[k], **v} if isinstance(v, dict) and isinstance(ds.get(k), dict) else v
+    for path, field in OWNED.items():  # ... except over the run's own fields
+        if _get(ds, path) != owned[path]:
+            raise TrainError(f"deepspeed.config sets {'.'.join(path)} to {_get(ds, path)!r}, but this run's {field} "
+                             f"gives {owned[path]!r}; drop it from deepspeed.config and set {field} instead")
     return ds
+
+
+def _get(d: dict, path: tuple[str, ...]):
+    for k in path:
+        d = d.get(k) if isinstance(d, dict) else None
+    return d
+
+
+def check_deepspeed_config(cfg: RunConfig, world: int, bf16: bool) -> None:
+    """The DeepSpeed config this run would pass, validated by DeepSpeed itself before the slow setup: a raw
+    deepspeed.config that DeepSpeed refuses (an assertion, a validation error) is a one-line TrainError."""
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    try:
+        DeepSpeedConfig(deepspeed_config(cfg, world, bf16))
+    except TrainError:
+        raise
+    except Exception as e:  # DeepSpeed validates with asserts, pydantic and ValueErrors
+        problem = " ".join(str(e).split())[:300] or type(e).__name__
+        raise TrainError(f"DeepSpeed refuses this run's config ({problem}); fix --deepspeed.config") from None
 
 
 @torch.no_grad()
@@ -185,12 +222,116 @@ class Engine:
         ok = torch.tensor([1.0 if all(torch.isfinite(p).all() for p in local) else 0.0], device=self.device)
         return bool(parallel.all_reduce_(ok, op=dist.ReduceOp.MIN).item() > 0)
 
-    # -------------------------------------------------------------------------- DeepSpeed's checkpoint files
-    def save_files(self, directory, tag: str, step: int) -> None:
-        """DeepSpeed's share of a checkpoint (model states, ZeRO optimizer shards per rank) into directory/tag."""
-        self.ds.save_checkpoint(str(directory), tag=tag, client_state={"smolds_step": step}, save_latest=False)
+    # ------------------------------------------------------------------- the optimizer's state, whole per parameter
+    # What a checkpoint needs of DeepSpeed, at any ZeRO stage: each parameter's fp32 master weight and Adam
+    # moments as whole tensors, and Adam's step count. Where they live differs by stage:
+    #   ZeRO-0 fp32   the torch AdamW over the model's own parameters (`state[p]`)
+    #   ZeRO-0 bf16   DeepSpeed's FP16_UnfusedOptimizer: one fp32 copy per parameter (`fp32_groups`)
+    #   ZeRO-1/2      flat fp32 partitions over the data-parallel group (for expert parameters, the
+    #                 expert-data-parallel group); ZeRO-3: partitioned parameters too
+    # At ZeRO 1-3 DeepSpeed's per-parameter accessors (`safe_get_full_*` / `safe_set_full_*`) assemble and
+    # scatter them; each `get` is a collective over the parameter's group, so every rank calls these for
+    # every parameter in the same order. A routed-expert parameter under expert parallelism is this rank's
+    # experts: gathering them over the EP group is the checkpoint's business (smolds/train/checkpoint.py).
+    @functools.cached_property
+    def _masters(self) -> dict:
+        """ZeRO-0: each model parameter -> the fp32 tensor the optimizer steps (itself in fp32)."""
+        opt = self.ds.optimizer
+        if opt is self.ds.basic_optimizer:
+            return {p: p for g in opt.param_groups for p in g["params"]}
+        return {lp: hp for lps, hps in zip(opt.fp16_groups, opt.fp32_groups) for lp, hp in zip(lps, hps)}
 
-    def load_files(self, directory, tag: str) -> bool:
-        """Restore weights and optimizer state from directory/tag; False when DeepSpeed found nothing."""
-        load_path, _ = self.ds.load_checkpoint(str(directory), tag=tag, load_module_strict=True)
-        return load_path is not None
+    def _adam_tensors(self) -> list[list[torch.Tensor]]:
+        """Per optimizer param group, the fp32 tensors torch's AdamW keeps state for."""
+        opt = self.ds.basic_optimizer
+        if self.zero_stage == 3:  # the groups hold no tensors between steps; each sub-group's partition
+            groups = [[] for _ in opt.param_groups]
+            for sub, hp in enumerate(self.ds.optimizer.fp32_partitioned_groups_flat):
+                groups[self.ds.optimizer.sub_group_to_group_id[sub]].append(hp)
+            return groups
+        return [list(g["params"]) for g in opt.param_groups]
+
+    def ensure_optimizer_state(self) -> None:
+        """Create Adam's state where it does not exist yet (ZeRO 1-3 create it at the first step, so a fresh
+        engine has none to restore into): one step with zero gradients at learning rate 0, which makes torch
+        create it in its own format and moves no weight (the decoupled decay is lr x wd = 0); the step count
+        it leaves is overwritten by the caller. Then DeepSpeed's ZeRO-1/2 per-parameter views of it are
+        (re)linked: DeepSpeed links them once, after the first param group's first step, when the later
+        groups have no state yet, so without this `safe_get_full_optimizer_state` fails for their parameters."""
+        opt = self.ds.basic_optimizer
+        missing = [[t for t in ts if not opt.state.get(t)] for ts in self._adam_tensors()]
+        if any(missing):
+            self._zero_grad_step(missing)
+        zero = self.ds.optimizer
+        if hasattr(zero, "_hp_optimizer_states_linked"):  # ZeRO-1/2 and BF16_Optimizer
+            zero._hp_optimizer_states_linked = False
+            zero._lazy_init_hp_params_optimizer_state()
+
+    def _zero_grad_step(self, tensors: list[list[torch.Tensor]]) -> None:
+        """One AdamW step at learning rate 0 on `tensors` (per param group) alone, with zero gradients."""
+        opt = self.ds.basic_optimizer
+        saved = [(g["params"], g["lr"]) for g in opt.param_groups]
+        for g, ts in zip(opt.param_groups, tensors):
+            g["params"], g["lr"] = ts, 0.0
+            for t in ts:
+                t.grad = torch.zeros_like(t)
+        try:
+            opt.step()
+        finally:
+            for g, (params, lr) in zip(opt.param_groups, saved):
+                g["params"], g["lr"] = params, lr
+            for t in (t for ts in tensors for t in ts):
+                t.grad = None
+
+    def fp32_state(self, p: nn.Parameter) -> dict[str, torch.Tensor]:
+        """Parameter p's fp32 master weight ("fp32") and Adam moments, whole on this rank (an expert
+        parameter: this rank's experts). A collective at ZeRO 1-3; the optimizer state must exist."""
+        if self.zero_stage == 0:
+            hp = self._masters[p]
+            state = self.ds.basic_optimizer.state[hp]
+            return {"fp32": hp.detach(), **{k: state[k] for k in MOMENTS}}
+        from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_optimizer_state
+
+        return {"fp32": safe_get_full_fp32_param(p), **{k: safe_get_full_optimizer_state(p, k) for k in MOMENTS}}
+
+    def set_fp32_state(self, p: nn.Parameter, values: dict[str, torch.Tensor]) -> None:
+        """Set p's master weight, its working copy (bf16 or fp32) and its moments from whole tensors (an
+        expert parameter: this rank's experts); each rank keeps its own partition. Every rank calls it for
+        every parameter (ZeRO-3 re-partitions the working copy collectively)."""
+        values = {k: v.to(self.device) for k, v in values.items()}
+        with torch.no_grad():
+            if self.zero_stage == 0:
+                hp = self._masters[p]
+                hp.copy_(values["fp32"])
+                if hp is not p:
+                    p.copy_(values["fp32"])
+                for k in MOMENTS:
+                    self.ds.basic_optimizer.state[hp][k].copy_(values[k])
+                return
+            from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
+
+            safe_set_full_fp32_param(p, values["fp32"])
+            for k in MOMENTS:
+                safe_set_full_optimizer_state(p, values[k], k)
+            if self.zero_stage == 3:
+                import deepspeed
+
+                with deepspeed.zero.GatheredParameters([p], modifier_rank=0):
+                    p.copy_(values["fp32"])
+            else:
+                p.copy_(values["fp32"])
+
+    def optimizer_step(self) -> int:
+        """Adam's step count (the bias correction's t), the same for every tensor it steps."""
+        steps = {int(s["step"]) for s in self.ds.basic_optimizer.state.values()}
+        if len(steps) != 1:
+            raise RuntimeError(f"Adam's step counts differ across parameters ({sorted(steps)}); a checkpoint "
+                               "keeps one: report this with the run's config")
+        return steps.pop()
+
+    def set_optimizer_step(self, step: int) -> None:
+        for s in self.ds.basic_optimizer.state.values():
+            if torch.is_tensor(s["step"]):
+                s["step"].fill_(step)
+            else:
+                s["step"] = step

@@ -35,6 +35,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from safetensors import SafetensorError
 
 from data_prep.errors import DataError
 from smolds.config import ConfigError, ModelConfig
@@ -47,7 +48,7 @@ from smolds.train import checkpoint as ckpt
 from smolds.train import parallel, preemption
 from smolds.train.config import RunConfig, TrainError
 from smolds.train.data import load_data
-from smolds.train.engine import Engine
+from smolds.train.engine import Engine, check_deepspeed_config
 from smolds.train.metrics import MetricsLogger
 from smolds.train.schedule import lr_at, schedule_warning
 
@@ -69,6 +70,7 @@ class Run:
     val_data: object
     routing: RoutingStats
     resumed_from: Path | None  # the checkpoint loaded, or None for a fresh start
+    resume_note: str | None  # what did not carry over exactly from a checkpoint of another shape
     start_step: int
     tokens_seen: int  # tokens trained on so far (survives a change of batch size across a resume)
     nonfinite_total: int  # skipped steps over the whole run
@@ -142,22 +144,29 @@ def setup(cfg: RunConfig, resume: bool) -> Run:
     train_cfg = cfg.train
     if train_cfg.device == "cuda" and not torch.cuda.is_available():
         raise TrainError("train.device is cuda but no GPU is visible; use --train.device cpu (or auto)")
-    env = parallel.init(train_cfg.device)
+    env = parallel.init(train_cfg.device, train_cfg.wait_timeout)
     model_cfg = cfg.model_config()
     check_run(cfg, env, model_cfg)
-    check_out_dir(cfg, resume)
-    layout = ckpt.layout(env.world, cfg.deepspeed.zero_stage, cfg.deepspeed.ep_size)
-    latest = ckpt.latest_checkpoint(Path(train_cfg.out_dir) / "checkpoints") if resume else None
-    if latest is not None:  # before the slow setup: refuse a checkpoint of another layout early
-        ckpt.check_layout(ckpt.read_trainer_state(latest).get("layout"), layout, latest)
-    train_data, val_data = load_data(cfg, model_cfg, env)
     bf16 = train_cfg.dtype == "bf16" or (train_cfg.dtype == "auto" and env.device.type == "cuda")
+    check_deepspeed_config(cfg, env.world, bf16)
+    check_out_dir(cfg, resume)
+    latest = ckpt.latest_checkpoint(Path(train_cfg.out_dir) / "checkpoints") if resume else None
+    saved = {}
+    if latest is not None:  # before the slow setup: refuse a damaged or old-format checkpoint early
+        saved = ckpt.read_trainer_state(latest)
+        if not isinstance(saved.get("data"), dict):
+            raise TrainError(f"checkpoint {latest}: its {ckpt.STATE_FILE} holds no data position; the checkpoint is "
+                             "damaged: name an intact one in checkpoints/latest, or start a new run from its weights "
+                             f"with --train.init_from {latest}")
+    train_data, val_data = load_data(cfg, model_cfg, env, start_step=saved.get("step", 0))
     engine = Engine(cfg, model_cfg, env, bf16)
     tokens_per_step = train_cfg.micro_batch * train_cfg.grad_accum * env.world * train_cfg.seq_len
-    start_step, state = 0, {}
+    start_step, state, note = 0, {}, None
     if latest is not None:
-        state = ckpt.load(engine, latest)
+        state = ckpt.load(engine, latest)  # written at any shape, restored at this one
         start_step = state["step"]
+        note = ckpt.carry_note(state.get("layout"), ckpt.layout(env.world, cfg.deepspeed.zero_stage,
+                                                                cfg.deepspeed.ep_size))
         try:
             train_data.load_state_dict(state["data"])
         except DataError as e:  # name the flag for the readers' "start afresh" fix
@@ -168,7 +177,8 @@ def setup(cfg: RunConfig, resume: bool) -> Run:
     peak = next((v for k, v in PEAK_TFLOPS.items()
                  if env.device.type == "cuda" and k in torch.cuda.get_device_name()), None)
     return Run(cfg=cfg, env=env, engine=engine, train_data=train_data, val_data=val_data,
-               routing=RoutingStats(engine.model, model_cfg), resumed_from=latest, start_step=start_step,
+               routing=RoutingStats(engine.model, model_cfg), resumed_from=latest, resume_note=note,
+               start_step=start_step,
                tokens_seen=state.get("tokens_seen", start_step * tokens_per_step),
                nonfinite_total=state.get("nonfinite_total", 0), tokens_per_step=tokens_per_step,
                flops_per_token=whole.flops_per_token(train_cfg.seq_len), peak_tflops=peak,
@@ -196,6 +206,8 @@ def start_logging(run: Run) -> None:
                      f"rank(s), ZeRO-{cfg.deepspeed.zero_stage}, ep_size {cfg.deepspeed.ep_size}, "
                      f"{'bf16' if run.engine.bf16 else 'fp32'} on {env.device.type}, "
                      f"{'resumed from ' + str(run.resumed_from) if run.resumed_from else 'fresh start'}")
+    if run.resume_note:
+        run.log.log_text(run.resume_note)
     warning = schedule_warning(steps=train_cfg.steps, warmup_steps=train_cfg.warmup_steps, schedule=train_cfg.schedule,
                                decay_fraction=train_cfg.decay_fraction)
     if warning and run.start_step == 0:
@@ -308,20 +320,21 @@ def maybe_save(run: Run, step: int, force: bool = False) -> None:
     if not run.engine.all_finite():
         raise TrainError(f"step {step}: weights are not finite; refusing to checkpoint them "
                          "(lower --train.lr or check the data)")
-    model_cfg, tokenizer = run.engine.model.config, getattr(run.train_data, "tokenizer_path", None)
-
-    def export(state_dict, path):  # the consolidated copy, full model on rank 0, fp32
-        from smolds.pretrained import save_pretrained
-
-        full = Transformer(model_cfg)
-        full.load_state_dict({k: v.float() for k, v in state_dict.items()}, strict=True)
-        save_pretrained(full, path, tokenizer=tokenizer, extra={"step": step, "tokens_seen": run.tokens_seen})
-
     trainer_state = {"data": run.train_data.state_dict(), "nonfinite_total": run.nonfinite_total,
                      "tokens_seen": run.tokens_seen,
                      "layout": ckpt.layout(run.env.world, run.cfg.deepspeed.zero_stage, run.cfg.deepspeed.ep_size)}
-    run.last_saved = ckpt.save(run.engine, run.out_dir / "checkpoints", step, trainer_state,
-                               is_main=run.env.is_main, keep=train_cfg.keep_checkpoints, export=export)
+    root = run.out_dir / "checkpoints"
+    try:
+        run.last_saved = ckpt.save(run.engine, root, step, trainer_state,
+                                   is_main=run.env.is_main, keep=train_cfg.keep_checkpoints,
+                                   tokenizer=getattr(run.train_data, "tokenizer_path", None),
+                                   extra={"step": step, "tokens_seen": run.tokens_seen})
+    except (OSError, SafetensorError) as e:  # a full disk, a quota, a lost mount: `latest` is still complete
+        latest = root / "latest"
+        kept = f"checkpoints/latest still names {latest.read_text().strip()}" if latest.is_file() else "no checkpoint yet"
+        why = f"{e.strerror}: {e.filename}" if getattr(e, "strerror", None) and e.filename else str(e)
+        raise TrainError(f"step {step}: writing the checkpoint failed ({why}); {kept}: free space in {root} (or "
+                         "lower --train.keep_checkpoints), then --resume") from None
     run.log.log_text(f"step {step}: checkpoint {run.last_saved}")
     _restart_interval(run)
 
@@ -365,8 +378,9 @@ def train(cfg: RunConfig, resume: bool = False) -> dict:
             run.log.close()
             return {**run.summary, "preempted": True, "step": step + 1, "checkpoint": str(run.last_saved)}
     run.log.close()
+    last = run.last_saved or run.resumed_from  # a resume with no step left saves nothing: its checkpoint is the last
     return {**run.summary, "step": cfg.train.steps, "seconds": time.time() - t_start,
-            "checkpoint": str(run.last_saved) if run.last_saved else None, "nonfinite_total": run.nonfinite_total,
+            "checkpoint": str(last) if last else None, "nonfinite_total": run.nonfinite_total,
             "wandb": run.log.wandb_dir}
 
 

@@ -25,6 +25,20 @@ def _jsonable(v):
     return v
 
 
+def _drop_torn_row(path: Path) -> None:
+    """Cut a last row without its newline: half a row, written when a run was killed (kill -9) mid-write, to
+    which the resumed run's first row would otherwise be glued. Nothing is lost: the row was of a step after
+    the last checkpoint (rows are written before the step's save), which the resumed run logs again."""
+    if not path.is_file() or path.stat().st_size == 0:
+        return
+    with open(path, "rb+") as f:
+        size = f.seek(0, os.SEEK_END)
+        f.seek(max(0, size - (1 << 20)))
+        tail = f.read()
+        if not tail.endswith(b"\n"):
+            f.truncate(size - len(tail) + tail.rfind(b"\n") + 1)
+
+
 class MetricsLogger:
     def __init__(self, out_dir: str | Path, enabled: bool, total_steps: int, start_step: int = 0,
                  wandb_mode: str = "offline", project: str = "smolds", run_name: str | None = None,
@@ -36,6 +50,7 @@ class MetricsLogger:
         if not enabled:
             return
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        _drop_torn_row(self.out_dir / "metrics.jsonl")
         self.jsonl = open(self.out_dir / "metrics.jsonl", "a", buffering=1)
         self.text = open(self.out_dir / "train.log", "a", buffering=1)
         if wandb_mode != "disabled" and os.environ.get("WANDB_MODE") != "disabled":

@@ -59,8 +59,13 @@ def env_from_launcher() -> tuple[int, int, int]:
     return int(e["RANK"]), int(e["WORLD_SIZE"]), int(e.get("LOCAL_RANK", "0"))
 
 
-def init(device: str = "auto") -> Env:
-    """Start torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU); idempotent."""
+def init(device: str = "auto", timeout: float = 1800) -> Env:
+    """Start torch.distributed through DeepSpeed (gloo on CPU, nccl on GPU); idempotent.
+
+    `timeout` (train.wait_timeout) bounds every wait on another process: the rendezvous, each collective
+    (a peer that died or hangs makes the others fail after it instead of waiting forever) and the locks of
+    torch's extension builder (jit_locks.py).
+    """
     rank, world, local_rank = env_from_launcher()
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
@@ -70,9 +75,18 @@ def init(device: str = "auto") -> Env:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         import deepspeed
+        from deepspeed.accelerator import get_accelerator
 
+        from smolds.train.jit_locks import check_locks
+
+        check_locks(timeout)
+        if get_accelerator().device_name() == "cpu":
+            # DeepSpeed's CPU backend JIT-builds (or loads) its shared-memory all-reduce op under torch's
+            # extension lock at every start; only DeepSpeed's inference path (`inference_all_reduce`) uses
+            # it, training reduces through gloo. Marked incompatible, it is never loaded: no build, no lock.
+            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
-                                   timeout=datetime.timedelta(minutes=30), verbose=False)
+                                   timeout=datetime.timedelta(seconds=timeout), verbose=False)
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     return Env(rank=rank, world=world, local_rank=local_rank, device=dev, backend=backend)
 

@@ -11,7 +11,9 @@ Importing this module installs nothing.
 
 from __future__ import annotations
 
+import os
 import signal
+import sys
 
 SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 _received: list[str] = []  # names of the stop signals this process got since install(), oldest first
@@ -31,3 +33,19 @@ def install() -> None:
 def received() -> str | None:
     """The first stop signal this process got (e.g. "SIGTERM"), or None."""
     return _received[0] if _received else None
+
+
+def die_with_launcher() -> None:
+    """Under torchrun (TORCHELASTIC_RUN_ID is set), have the kernel SIGKILL this worker when its launcher dies.
+
+    torchrun starts each worker in a session of its own, so a launcher killed outright (kill -9, the OOM
+    killer) left its workers training on as orphans, writing into the out_dir that the requeued job then
+    shares. Linux only (prctl PR_SET_PDEATHSIG); elsewhere nothing changes."""
+    if "TORCHELASTIC_RUN_ID" not in os.environ or not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    launcher = os.getppid()
+    ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # 1: PR_SET_PDEATHSIG
+    if os.getppid() != launcher:  # it died before the request was in place
+        os._exit(128 + signal.SIGKILL)

@@ -1,0 +1,1 @@
+../smolds/launch/check_dist.py

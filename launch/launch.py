@@ -1,0 +1,1 @@
+../smolds/launch/launch.py
