@@ -284,6 +284,19 @@ def test_gradients_reach_every_parameter():
             assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0, name
 
 
+def test_decay_rates_and_norms_get_no_weight_decay():
+    """AdamW's decay would pull every head's forgetting rate (A_log, stored [1, 1, H, 1]) towards one value."""
+    from smolds.train.engine import param_groups
+
+    model = Transformer(_cfg(["kda", "mla"]))
+    groups = {g["name"]: {id(p) for p in g["params"]} for g in param_groups(model, 0.1, ep=False)}
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay = sorted(names[i] for i in groups["no_decay"])
+    assert any(n.endswith("A_log") for n in no_decay) and any(n.endswith("dt_bias") for n in no_decay)
+    assert not any(names[i].endswith("A_log") or "norm" in names[i] for i in groups["decay"])
+    assert any(names[i].endswith("q_proj.weight") for i in groups["decay"])
+
+
 def test_init_bf16_and_flops():
     """fla's gate init (A in [1, 16], softplus(dt_bias) in [1e-3, 1e-1]); a bf16 model runs with the fp32 core;
     the per-token cost beyond one chunk does not grow with the sequence."""
