@@ -106,6 +106,8 @@ def test_exit_code_of_failed_workers():
     assert launch.exit_code(fail(75, 75)) == 75  # all preempted and saved: requeue
     assert launch.exit_code(fail(75, 3)) == 3  # a real failure wins over preemption
     assert launch.exit_code(fail(-9)) == 137  # killed by SIGKILL, as a shell reports it
+    assert launch.exit_code(fail(-15, 3)) == 3  # rank 0 SIGTERMed by torchrun after rank 1 failed: rank 1 counts
+    assert launch.exit_code(fail(-15, -15)) == 143
 
 
 # --- real torchrun, no trainer ---------------------------------------------------------------------

@@ -39,12 +39,18 @@ def main(argv: list[str] | None = None) -> int:
         print(f"smolds train: error: {e}", file=sys.stderr)
         return 2
     except RuntimeError as e:
-        if not lost_peer(e):
+        what = peer_failure(e)
+        if what is None:
             raise
-        rank, problem = parallel.env_from_launcher()[0], " ".join(str(e).split())
-        print(f"smolds train: error: rank {rank} lost a peer ({problem[:160]}): another rank died or did not answer "
-              f"within train.wait_timeout ({cfg.train.wait_timeout:g} s); see the other ranks' logs, then rerun the "
-              "same command with --resume", file=sys.stderr)
+        rank, problem = parallel.env_from_launcher()[0], " ".join(str(e).split())[:160]
+        if what == "unreachable":
+            print(f"smolds train: error: rank {rank} could not reach the other ranks ({problem}); check MASTER_ADDR "
+                  "and MASTER_PORT (a port in use, a host that does not resolve), then rerun the same command "
+                  "with --resume", file=sys.stderr)
+        else:
+            print(f"smolds train: error: rank {rank} lost a peer ({problem}): another rank died or did not answer "
+                  f"within train.wait_timeout ({cfg.train.wait_timeout:g} s); see the other ranks' logs, then rerun "
+                  "the same command with --resume", file=sys.stderr)
         return 1
     if summary.get("preempted"):
         return EXIT_PREEMPTED
@@ -53,12 +59,15 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def lost_peer(e: RuntimeError) -> bool:
-    """Whether `e` is a collective that failed because another rank is gone or silent: gloo raises plain
-    RuntimeErrors ("Connection closed by peer", "Timed out waiting ... for recv"), NCCL a DistBackendError."""
+def peer_failure(e: RuntimeError) -> str | None:
+    """"unreachable" for a rendezvous or store that failed (the ranks never met), "lost" for a collective that
+    failed because another rank is gone or silent (gloo raises plain RuntimeErrors: "Connection closed by peer",
+    "Timed out waiting ... for recv"; NCCL a DistBackendError), None for anything else."""
     import torch.distributed as dist
 
-    return isinstance(e, dist.DistError) or any(k in str(e) for k in ("gloo", "NCCL", "nccl"))
+    if isinstance(e, (dist.DistNetworkError, dist.DistStoreError)):
+        return "unreachable"
+    return "lost" if isinstance(e, dist.DistError) or any(k in str(e) for k in ("gloo", "NCCL", "nccl")) else None
 
 
 def closing_message(s: dict) -> str:

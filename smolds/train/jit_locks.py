@@ -10,7 +10,8 @@ machine waits forever, and, since `smolds train` catches SIGTERM as a stop flag,
   held open by a process on this machine -> a live build or load: waited on (the line names the pid) up to
                                             `timeout` seconds, then a one-line TrainError;
   held by no process here, local disk    -> stale (its owner is dead): removed, with a line saying so;
-  held by no process here, network disk  -> a process on another node sharing the folder may hold it: waited
+  held by no process here, network disk  -> a process on another node sharing the folder may hold it (or, for
+  (or created by another user)              a lock of another user, one of theirs, which we cannot see): waited
                                             on, with a line, until it is STALE_AFTER old (longer than any
                                             DeepSpeed op takes to build), then removed.
 The owner is not written in the file, so "held" means an open file descriptor (/proc/PID/fd), which dies
@@ -71,15 +72,19 @@ def check_locks(timeout: float, poll: float = 0.5, say=None) -> None:
 def _judge(lock: Path) -> str | None:
     """'stale', None (gone or just created), or why it is live (a sentence fragment naming the holder)."""
     try:
-        age = time.time() - lock.stat().st_mtime
+        st = lock.stat()
     except FileNotFoundError:
         return None
+    age = time.time() - st.st_mtime
     if age < FRESH:
         return "just created by another process"
     holders = _holders(lock)
     if holders:
         return f"held by pid {', '.join(map(str, holders))} on this machine (building or loading an op)"
-    if _on_network_fs(lock) and age < STALE_AFTER:
+    if age < STALE_AFTER and st.st_uid != os.getuid():  # another user's processes' descriptors are not ours to see
+        return f"created by another user (uid {st.st_uid}), whose processes cannot be seen; removed once " \
+               f"{STALE_AFTER:.0f} s old"
+    if age < STALE_AFTER and _on_network_fs(lock):
         return (f"held by no process on this machine but on a network disk (another node may be building); "
                 f"removed once {STALE_AFTER:.0f} s old")
     return "stale"

@@ -66,29 +66,47 @@ def init(device: str = "auto", timeout: float = 1800) -> Env:
     (a peer that died or hangs makes the others fail after it instead of waiting forever) and the locks of
     torch's extension builder (jit_locks.py).
     """
-    rank, world, local_rank = env_from_launcher()
     use_cuda = torch.cuda.is_available() if device == "auto" else device == "cuda"
     if use_cuda and not torch.cuda.is_available():
         raise RuntimeError("train.device is cuda but no GPU is visible; use --train.device cpu")
     backend = "nccl" if use_cuda else "gloo"
+    if not dist.is_initialized():
+        _prepare_deepspeed(timeout)
+    rank, world, local_rank = env_from_launcher()
     if use_cuda:
         torch.cuda.set_device(local_rank)
     if not dist.is_initialized():
         import deepspeed
-        from deepspeed.accelerator import get_accelerator
 
-        from smolds.train.jit_locks import check_locks
-
-        check_locks(timeout)
-        if get_accelerator().device_name() == "cpu":
-            # DeepSpeed's CPU backend JIT-builds (or loads) its shared-memory all-reduce op under torch's
-            # extension lock at every start; only DeepSpeed's inference path (`inference_all_reduce`) uses
-            # it, training reduces through gloo. Marked incompatible, it is never loaded: no build, no lock.
-            deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        if world == 1:  # no peer to meet: an in-process store, no port (a free port picked here could be taken
+            # by another process before the bind, failing the start with EADDRINUSE); DeepSpeed adopts the group
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1,
+                                    timeout=datetime.timedelta(seconds=timeout))
         deepspeed.init_distributed(dist_backend=backend, auto_mpi_discovery=False,
                                    timeout=datetime.timedelta(seconds=timeout), verbose=False)
     dev = torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
     return Env(rank=rank, world=world, local_rank=local_rank, device=dev, backend=backend)
+
+
+def _prepare_deepspeed(timeout: float) -> None:
+    """What must hold before DeepSpeed starts torch.distributed: no stale extension lock to wait on, the run's
+    timeout on every process group, and (on CPU) no JIT-built op at all."""
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+    from torch.distributed import distributed_c10d
+
+    from smolds.train.jit_locks import check_locks
+
+    check_locks(timeout)
+    # Every process group gets the run's timeout: the world's (init_process_group) and those made later,
+    # DeepSpeed's data-parallel group (its gradient all-reduce) and the expert groups, which torch would
+    # give its module default instead (30 minutes of waiting on a dead peer).
+    distributed_c10d.default_pg_timeout = distributed_c10d.default_pg_nccl_timeout = datetime.timedelta(seconds=timeout)
+    if get_accelerator().device_name() == "cpu":
+        # DeepSpeed's CPU backend JIT-builds (or loads) its shared-memory all-reduce op under torch's
+        # extension lock at every start; only DeepSpeed's inference path (`inference_all_reduce`) uses
+        # it, training reduces through gloo. Marked incompatible, it is never loaded: no build, no lock.
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
 
 
 def expert_groups(ep_size: int):
