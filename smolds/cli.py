@@ -21,6 +21,7 @@ COMMANDS = {
     "import-hf": ("smolds.interop.cli", "import a Hugging Face Llama/SmolLM2 directory"),
     "import-gguf": ("smolds.interop.cli", "import the SmolLM2-135M-Instruct GGUF"),
     "export-hf": ("smolds.interop.cli", "export a checkpoint as a Hugging Face DeepseekV3 directory"),
+    "convert": ("smolds.interop.convert", "convert a SmolLM2/Llama checkpoint into MLA / DeepSeekMoE / hybrid layers"),
     "slurm-script": ("smolds.launch.slurm_script", "write the sbatch script for a Slurm cluster (pretrain.sbatch)"),
     "ckpt": ("smolds.train.ckpt_cli", "what a training checkpoint holds (`info`); it resumes at any shape as it is"),
 }

@@ -64,6 +64,10 @@ class TrainConfig:
     # torch.compile each block (Transformer.compile_blocks): the first steps compile (tens of seconds)
     compile: bool = False
     init_from: str | None = None  # fresh start from these weights (consolidated/training checkpoint or run dir)
+    # logit distillation (smolds/train/distill.py): a frozen teacher checkpoint with the data's tokenizer, and the
+    # loss (1 - distill_weight) x LM loss + distill_weight x KL(teacher || student)
+    distill_from: str | None = None
+    distill_weight: float = 1.0
 
 
 @dataclass
@@ -107,7 +111,7 @@ class RunConfig(YamlDataclass):
 
     def validate(self):
         t, d = self.train, self.deepspeed
-        for section, name in (("data", "dir"), ("train", "out_dir"), ("train", "init_from")):
+        for section, name in (("data", "dir"), ("train", "out_dir"), ("train", "init_from"), ("train", "distill_from")):
             v = getattr(getattr(self, section), name)
             if isinstance(v, int) and not isinstance(v, bool):  # YAML reads a path like 2024 as a number
                 setattr(getattr(self, section), name, str(v))
@@ -123,6 +127,9 @@ class RunConfig(YamlDataclass):
         if t.compile and d.zero_stage == 3:
             raise ConfigError("train.compile with deepspeed.zero_stage 3 is not supported (not tested with "
                               "ZeRO-3's parameter gathering); use zero_stage 0-2 or turn compile off")
+        if t.distill_from and d.zero_stage == 3:
+            raise ConfigError("train.distill_from with deepspeed.zero_stage 3 is not supported (the student's LM head "
+                              "is partitioned outside its forward); use zero_stage 0-2")
         if t.schedule not in ("wsd", "cosine"):
             raise ConfigError(f"train.schedule: unknown {t.schedule!r}; allowed: wsd, cosine")
         if t.device not in ("auto", "cpu", "cuda"):
@@ -134,6 +141,7 @@ class RunConfig(YamlDataclass):
         for name, lo, hi, rule in (("lr", 0, math.inf, ">= 0"), ("min_lr_ratio", 0, 1, "in [0, 1]"),
                                    ("weight_decay", 0, math.inf, ">= 0"), ("grad_clip", 0, math.inf, ">= 0"),
                                    ("beta1", 0, 1, "in [0, 1)"), ("beta2", 0, 1, "in [0, 1)"),
+                                   ("distill_weight", 0, 1, "in [0, 1]"),
                                    ("eps", 0, math.inf, "> 0")):
             v = getattr(t, name)
             ok = isinstance(v, (int, float)) and not isinstance(v, bool) and lo <= v <= hi and math.isfinite(v)

@@ -94,10 +94,13 @@ def load_weights(model: Transformer, path: str):
 
 
 def param_groups(model: nn.Module, weight_decay: float, ep: bool) -> list[dict]:
-    """Weight decay on matrices only (embeddings, projections, experts, router), not on norms; with expert
-    parallelism DeepSpeed's split of the expert parameters into their own groups."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    """Weight decay on matrices only (embeddings, projections, experts, router), not on norms, biases or KDA's
+    per-head decay rates (`A_log`, stored [1, 1, H, 1]: decaying it pulls every head towards one forgetting
+    rate); with expert parallelism DeepSpeed's split of the expert parameters into their own groups."""
+    named = list(model.named_parameters())
+    decays = {n: p.dim() >= 2 and not n.endswith("A_log") for n, p in named}
+    decay = [p for n, p in named if decays[n]]
+    no_decay = [p for n, p in named if not decays[n]]
     groups = [{"name": "decay", "params": decay, "weight_decay": weight_decay},
               {"name": "no_decay", "params": no_decay, "weight_decay": 0.0}]
     if ep:
@@ -195,21 +198,34 @@ class Engine:
         self.device, self.bf16 = env.device, bf16
         self.zero_stage = cfg.deepspeed.zero_stage
         self._grad_norm: float | None = None
+        self.teacher, self.distill_weight = None, cfg.train.distill_weight
+        if cfg.train.distill_from:  # frozen, whole on every rank (smolds/train/distill.py)
+            from smolds.train.distill import Teacher
+
+            self.teacher = Teacher(cfg.train.distill_from, self.model, self.device,
+                                   torch.bfloat16 if bf16 else torch.float32)
 
     def micro_step(self, x: torch.Tensor, y: torch.Tensor, lr: float, skip: bool) -> tuple[torch.Tensor, bool]:
         """One micro-batch: forward, backward, DeepSpeed's step. `skip`: an earlier micro-batch of this
         optimizer step was non-finite on some rank. Returns (this micro-batch's LM loss, NaN when skipped;
         whether the optimizer step is skipped), the same on every rank."""
-        out = self.ds(x.to(self.device), targets=y.to(self.device))
-        skip = skip or not parallel.all_ranks(bool(torch.isfinite(out.loss).item()), self.device)
-        loss = out.loss if not skip else sum(p.reshape(-1)[0] * 0.0 for p in self.model.parameters())
+        x, y = x.to(self.device), y.to(self.device)
+        if self.teacher is None:
+            out = self.ds(x, targets=y)
+            loss, lm_loss = out.loss, out.lm_loss
+        else:  # (1 - w) LM loss + w KL(teacher || student), one fused pass (smolds/train/distill.py)
+            out = self.ds(x, last_only=True)
+            loss, lm_loss, _ = self.teacher.loss(x, y, self.distill_weight)
+            loss = loss if out.balance_loss is None else loss + out.balance_loss
+        skip = skip or not parallel.all_ranks(bool(torch.isfinite(loss).item()), self.device)
+        loss = loss if not skip else sum(p.reshape(-1)[0] * 0.0 for p in self.model.parameters())
         self.ds.backward(loss)
         for g in self.ds.optimizer.param_groups:
             g["lr"] = 0.0 if skip else lr
         if self.ds.is_gradient_accumulation_boundary() and self.zero_stage == 0:
             self._grad_norm = grad_norm(self.model, self.ep_group)  # ZeRO computes its own; stage 0 does not
         self.ds.step()
-        return (out.lm_loss.detach().float() if not skip else torch.tensor(float("nan"))), skip
+        return (lm_loss.detach().float() if not skip else torch.tensor(float("nan"))), skip
 
     def grad_norm(self) -> float | None:
         """The last optimizer step's global gradient norm, before clipping."""

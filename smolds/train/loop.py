@@ -48,6 +48,7 @@ from smolds.train import checkpoint as ckpt
 from smolds.train import parallel, preemption
 from smolds.train.config import RunConfig, TrainError
 from smolds.train.data import load_data
+from smolds.train.distill import check_tokenizer
 from smolds.train.engine import Engine, check_deepspeed_config
 from smolds.train.metrics import MetricsLogger
 from smolds.train.schedule import lr_at, schedule_warning
@@ -159,6 +160,8 @@ def setup(cfg: RunConfig, resume: bool) -> Run:
                              "damaged: name an intact one in checkpoints/latest, or start a new run from its weights "
                              f"with --train.init_from {latest}")
     train_data, val_data = load_data(cfg, model_cfg, env, start_step=saved.get("step", 0))
+    if train_cfg.distill_from:
+        check_tokenizer(train_cfg.distill_from, train_data.tokenizer_path)
     engine = Engine(cfg, model_cfg, env, bf16)
     tokens_per_step = train_cfg.micro_batch * train_cfg.grad_accum * env.world * train_cfg.seq_len
     start_step, state, note = 0, {}, None
