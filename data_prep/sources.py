@@ -176,10 +176,9 @@ def _kind(path: str) -> str:
     return FOLDER_KINDS.get(Path(path).suffix.lower(), "txt")
 
 
-def _txt(src: Source, text_field: str, start: int = 0, end: int | None = None) -> Iterator[str]:
-    # Read bytes line by line so a huge file never sits in memory whole and a decoding error can
-    # name its byte offset.
-    block: list[str] = []
+def _decoded_lines(src: Source, start: int, end: int | None) -> Iterator[str]:
+    """The lines of the file's bytes [start, end), decoded one at a time: a huge file never sits in memory
+    whole, and a decoding error names its byte offset."""
     offset = start
     with open(src.path, "rb") as f:
         f.seek(start)
@@ -195,33 +194,26 @@ def _txt(src: Source, text_field: str, start: int = 0, end: int | None = None) -
             if offset == 0:
                 line = line.removeprefix("\ufeff")  # a byte-order mark is not text
             offset += len(raw)
-            if line.strip():
-                block.append(line)
-            elif block:
-                yield "".join(block).rstrip("\r\n")
-                block = []
+            yield line
+
+
+def _txt(src: Source, text_field: str, start: int = 0, end: int | None = None) -> Iterator[str]:
+    """Paragraphs: runs of non-blank lines."""
+    block: list[str] = []
+    for line in _decoded_lines(src, start, end):
+        if line.strip():
+            block.append(line)
+        elif block:
+            yield "".join(block).rstrip("\r\n")
+            block = []
     if block:
         yield "".join(block).rstrip("\r\n")
 
 
 def _lines(src: Source, text_field: str, start: int = 0, end: int | None = None) -> Iterator[str]:
-    offset = start
-    with open(src.path, "rb") as f:
-        f.seek(start)
-        for raw in f:
-            if end is not None and offset >= end:
-                break
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError as e:
-                raise DataError(
-                    f"{src.path}: not UTF-8 at byte {offset + e.start}; re-encode it (e.g. iconv -f latin1 -t utf-8)"
-                ) from None
-            if offset == 0:
-                line = line.removeprefix("\ufeff")  # a byte-order mark is not text
-            offset += len(raw)
-            if line.strip():
-                yield line.rstrip("\r\n")
+    for line in _decoded_lines(src, start, end):
+        if line.strip():
+            yield line.rstrip("\r\n")
 
 
 def _jsonl(src: Source, text_field: str, start: int = 0, end: int | None = None) -> Iterator[str]:
