@@ -190,8 +190,9 @@ def healing_curve(work: Path, target: str, results: dict) -> list[dict]:
     """The converted model's validation losses (tokens 0), then the run's evaluation rows."""
     rows = [json.loads(line) for line in open(work / "heal" / target / "metrics.jsonl")]
     tokens = {r["step"]: r["tokens"] for r in rows if r["kind"] == "train" and "tokens" in r}
-    start = [{"tokens": 0, **results["val"][target]}] if target in results.get("val", {}) else []
-    return start + [{"tokens": tokens.get(r["step"], 0), **r} for r in rows if r["kind"] == "eval"]
+    start = [{**results["val"][target], "tokens": 0}] if target in results.get("val", {}) else []
+    return start + [{**r, "tokens": tokens.get(r["step"], 0)} for r in rows if r["kind"] == "eval"]  # (an eval
+    # row's own "tokens" counts the tokens it evaluated)
 
 
 def fit_power_law(x: list[float], y: list[float], floor: float) -> tuple[float, float]:
