@@ -107,6 +107,7 @@ def test_exit_code_of_failed_workers():
     assert launch.exit_code(fail(75, 3)) == 3  # a real failure wins over preemption
     assert launch.exit_code(fail(-9)) == 137  # killed by SIGKILL, as a shell reports it
     assert launch.exit_code(fail(-15, 3)) == 3  # rank 0 SIGTERMed by torchrun after rank 1 failed: rank 1 counts
+    assert launch.exit_code(fail(-15, 75)) == 75  # the same when rank 1 was preempted and saved
     assert launch.exit_code(fail(-15, -15)) == 143
 
 

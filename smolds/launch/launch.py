@@ -157,11 +157,11 @@ def torchrun_args(args: argparse.Namespace, nproc: int, trainer_args: list[str])
 
 def exit_code(failures: dict) -> int:
     """One exit code for the failed workers: 75 when every failure is 'preempted, saved', else the first
-    other failure (a signal death -N as 128+N, as a shell reports it). Deaths by SIGTERM come last: once one
-    worker fails torchrun SIGTERMs the others, and a survivor slow to exit (a loaded machine) would
-    otherwise hide the code of the worker that failed (143 instead of its 3)."""
+    other failure (a signal death -N as 128+N, as a shell reports it). Deaths by SIGTERM count only when
+    nothing else failed: once one worker ends torchrun SIGTERMs the others, and a survivor slow to exit (a
+    loaded machine) would otherwise hide the code of the worker that ended (143 instead of its 3 or 75)."""
     codes = [f.exitcode for _, f in sorted(failures.items())]
-    codes.sort(key=lambda c: c == -signal.SIGTERM)
+    codes = [c for c in codes if c != -signal.SIGTERM] or codes
     others = [c for c in codes if c != PREEMPTED]
     if not others:
         return PREEMPTED
