@@ -98,6 +98,10 @@ class ModelConfig(YamlDataclass):
     aux_loss_alpha: float = 1e-3
     seq_aux_alpha: float = 1e-4
 
+    # Fields that steer training, not the weights: a run started from a checkpoint (train.init_from) may change
+    # them, e.g. a converted model healed at a faster bias update rate than its preset's.
+    TRAINING_ONLY = ("initializer_range", "bias_update_rate", "bias_update_center", "aux_loss_alpha", "seq_aux_alpha")
+
     def __post_init__(self):
         if isinstance(self.attention_pattern, str):
             self.attention_pattern = [self.attention_pattern]

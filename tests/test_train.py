@@ -250,15 +250,18 @@ def test_resume_at_another_zero_stage_and_init_from_starts_over(data_dir, tmp_pa
     note = next(line for line in (out / "train.log").read_text().splitlines() if "another shape" in line)
     assert "(1 rank(s), ZeRO-1, ep_size 1 -> 1 rank(s), ZeRO-2, ep_size 1)" in note and "each rank continues" in note
     # --train.init_from: the new run starts from those weights (lr 0 keeps them, so its export equals them;
-    # the router biases still take their one sign-rule step, so they are compared to within that step).
+    # the router biases still take their one sign-rule step, so they are compared to within that step). A field
+    # that steers training, not the weights, may change: here the bias update rate (tiny's is 1e-2), which the
+    # biases' step shows.
     again = train(cfg(data_dir, tmp_path / "again", "--train.steps", "1", "--train.eval_every", "100",
-                      "--train.lr", "0", "--deepspeed.zero_stage", "2", "--train.init_from", str(out)))
+                      "--train.lr", "0", "--deepspeed.zero_stage", "2", "--train.init_from", str(out),
+                      "--model.bias_update_rate", "0.004"))
     a = load_file(str(Path(last["checkpoint"]) / "consolidated" / "model.safetensors"))
     b = load_file(str(Path(again["checkpoint"]) / "consolidated" / "model.safetensors"))
     assert a.keys() == b.keys()
     for k in a:
         if k.endswith("e_score_correction_bias"):
-            assert (a[k] - b[k]).abs().max() <= 1e-2 + 1e-7, k  # tiny's bias_update_rate
+            assert 0 < (a[k] - b[k]).abs().max() <= 0.004 + 1e-7, k  # this run's rate, not tiny's 1e-2
         else:
             assert torch.equal(a[k], b[k]), k
     with pytest.raises(TrainError, match="init_from.*differs from this run's.*hidden_size 128 there, 64 here"):

@@ -85,9 +85,10 @@ def load_weights(model: Transformer, path: str):
         source, _ = load_pretrained(path)
     except (CheckpointError, FileNotFoundError, ValueError) as e:
         raise TrainError(f"train.init_from: {e}") from None
-    if source.config != model.config:
-        a, b = source.config.to_dict(), model.config.to_dict()
-        diff = ", ".join(f"{k} {a.get(k)!r} there, {b.get(k)!r} here" for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k))
+    a, b = source.config.to_dict(), model.config.to_dict()
+    differ = [k for k in sorted(set(a) | set(b)) if a.get(k) != b.get(k) and k not in ModelConfig.TRAINING_ONLY]
+    if differ:
+        diff = ", ".join(f"{k} {a.get(k)!r} there, {b.get(k)!r} here" for k in differ)
         raise TrainError(f"train.init_from {path}: its model differs from this run's ({diff}); "
                           "drop the --model overrides or pick a matching checkpoint")
     model.load_state_dict(source.state_dict(), strict=True)
