@@ -20,6 +20,7 @@ slower (bench/README.md).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -56,8 +57,13 @@ def load_results(work: Path) -> dict:
 
 
 def save_results(work: Path, results: dict) -> None:
-    tmp = work / "results.json.tmp"
-    tmp.write_text(json.dumps(results, indent=1, sort_keys=True))
+    """Merged into what is on disk now (a stage run beside another keeps the other's entries): one level deep,
+    the stage's own entries win."""
+    merged = load_results(work)
+    for key, value in results.items():
+        merged[key] = {**merged[key], **value} if isinstance(value, dict) and isinstance(merged.get(key), dict) else value
+    tmp = work / f"results.json.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps(merged, indent=1, sort_keys=True))
     tmp.replace(work / "results.json")
 
 
@@ -112,24 +118,28 @@ def convert(work: Path, targets: list[str], calib_tokens: int) -> None:
 
 
 # ----------------------------------------------------------------------------------------------------- heal
-def heal_command(work: Path, target: str, steps: int, lr: float, micro_batch: int, eval_every: int) -> list[str]:
+def heal_command(work: Path, target: str, steps: int, lr: float, micro_batch: int, eval_every: int,
+                 name: str | None = None, bias_rate: float | None = None) -> list[str]:
+    """`smolds train` healing TARGET into WORK/heal/NAME (default: the target's name)."""
     mixture = "{" + ", ".join(f"{work / 'data' / n}: {w}" for n, w in MIXTURE.items()) + "}"
     return ["smolds", "train", "--model", str(work / "converted" / target / "config.yaml"),
             "--train.init_from", str(work / "converted" / target), "--train.distill_from", str(work / "smollm2"),
-            "--data.dir", mixture, "--train.out_dir", str(work / "heal" / target),
+            "--data.dir", mixture, "--train.out_dir", str(work / "heal" / (name or target)),
             "--train.seq_len", str(CONTEXT), "--train.micro_batch", str(micro_batch), "--train.steps", str(steps),
             "--train.lr", str(lr), "--train.warmup_steps", str(max(1, steps // 10)), "--train.min_lr_ratio", "0.1",
             "--train.weight_decay", "0.0", "--train.eval_every", str(eval_every), "--train.eval_batches", "1",
             "--train.checkpoint_every", str(steps), "--train.log_every", "1", "--eval.sample_tokens", "0",
-            "--logging.wandb", "disabled"]
+            "--logging.wandb", "disabled"] + ([] if bias_rate is None else ["--model.bias_update_rate", str(bias_rate)])
 
 
-def heal(work: Path, target: str, steps: int, lr: float, micro_batch: int, eval_every: int) -> None:
-    results = load_results(work)
+def heal(work: Path, target: str, steps: int, lr: float, micro_batch: int, eval_every: int,
+         name: str | None = None, bias_rate: float | None = None) -> None:
     t = time.time()
-    sh(*heal_command(work, target, steps, lr, micro_batch, eval_every))
-    results.setdefault("heal", {})[target] = {"seconds": time.time() - t, "steps": steps, "lr": lr,
-                                              "tokens": steps * micro_batch * CONTEXT, "micro_batch": micro_batch}
+    sh(*heal_command(work, target, steps, lr, micro_batch, eval_every, name, bias_rate))
+    results = load_results(work)
+    results.setdefault("heal", {})[name or target] = {
+        "target": target, "seconds": time.time() - t, "steps": steps, "lr": lr, "micro_batch": micro_batch,
+        "tokens": steps * micro_batch * CONTEXT, "bias_update_rate": bias_rate}
     save_results(work, results)
 
 
@@ -177,7 +187,7 @@ def evaluate_all(work: Path, only: list[str] | None) -> None:
     results = load_results(work)
     models = {"original": work / "smollm2"}
     models.update({f"converted/{t}": work / "converted" / t for t in TARGETS})
-    models.update({f"healed/{t}": work / "heal" / t for t in TARGETS})
+    models.update({f"healed/{d.name}": d for d in sorted((work / "heal").glob("*")) if d.is_dir()})
     for key, path in models.items():
         if not path.exists() or (only and key not in only) or (not only and key in results.get("eval", {})):
             continue
@@ -186,10 +196,11 @@ def evaluate_all(work: Path, only: list[str] | None) -> None:
 
 
 # --------------------------------------------------------------------------------------------------- report
-def healing_curve(work: Path, target: str, results: dict) -> list[dict]:
-    """The converted model's validation losses (tokens 0), then the run's evaluation rows."""
-    rows = [json.loads(line) for line in open(work / "heal" / target / "metrics.jsonl")]
+def healing_curve(work: Path, name: str, results: dict) -> list[dict]:
+    """The converted model's validation losses (tokens 0), then the healing run's evaluation rows."""
+    rows = [json.loads(line) for line in open(work / "heal" / name / "metrics.jsonl")]
     tokens = {r["step"]: r["tokens"] for r in rows if r["kind"] == "train" and "tokens" in r}
+    target = results["heal"][name].get("target", name)
     start = [{**results["val"][target], "tokens": 0}] if target in results.get("val", {}) else []
     return start + [{**r, "tokens": tokens.get(r["step"], 0)} for r in rows if r["kind"] == "eval"]  # (an eval
     # row's own "tokens" counts the tokens it evaluated)
@@ -217,22 +228,23 @@ def report(work: Path, figure: Path | None) -> None:
               + f" | {r['kv_bytes_bf16']:,} | {r['params']:,} | {r['active']:,} | {mv} |")
     orig = ev.get("original", {}).get("ppl/tinystories")
     print(f"\noriginal TinyStories ppl on the held-out head: {orig}; healing:")
-    print("| target | steps | tokens | wall s | TinyStories ppl | vs original | target | MaxVio_global |")
-    print("|---|---:|---:|---:|---:|---:|---:|---:|")
+    print("| run | target | u | steps | tokens | wall s | TinyStories ppl | vs original | goal | MaxVio_global |")
+    print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     goal = {"smollm2-mla-135m": 1.10, "smollm2-deepseek-135m": 1.30, "smollm2-deepseek-moefied-135m": 1.30}
-    for target, h in res.get("heal", {}).items():
-        r = ev.get(f"healed/{target}")
+    for name, h in res.get("heal", {}).items():
+        r, target = ev.get(f"healed/{name}"), h.get("target", name)
         if r is None or orig is None:
             continue
         ratio = r["ppl/tinystories"] / orig
         mv = f"{r['maxvio_global']:.3f}" if "maxvio_global" in r else "-"
-        print(f"| {target} | {h['steps']} | {h['tokens']:,} | {h['seconds']:.0f} | {r['ppl/tinystories']:.2f} | "
-              f"{ratio:.3f}x | {goal.get(target, '-')} | {mv} |")
-    for target in res.get("heal", {}):
-        curve = healing_curve(work, target, res)
+        print(f"| {name} | {target} | {h.get('bias_update_rate') or 'preset'} | {h['steps']} | {h['tokens']:,} | "
+              f"{h['seconds']:.0f} | {r['ppl/tinystories']:.2f} | {ratio:.3f}x | {goal.get(target, '-')} | {mv} |")
+    for name, h in res.get("heal", {}).items():
+        target = h.get("target", name)
+        curve = healing_curve(work, name, res)
         ts = [(c["tokens"], math.exp(c["loss/tinystories"])) for c in curve if "loss/tinystories" in c]
         base = res.get("val", {}).get("original", {}).get("loss/tinystories")
-        print(f"\n{target}: validation ppl of the TinyStories tail during healing (tokens, ppl): "
+        print(f"\n{name}: validation ppl of the TinyStories tail during healing (tokens, ppl): "
               + ", ".join(f"({t:,}, {p:.2f})" for t, p in ts))
         if base is not None and len(ts) >= 3 and target in goal:
             floor = math.exp(base)
@@ -251,10 +263,10 @@ def report(work: Path, figure: Path | None) -> None:
         import matplotlib.pyplot as plt
 
         fig, ax = plt.subplots(figsize=(8, 4.5))
-        for target in res.get("heal", {}):
-            curve = healing_curve(work, target, res)
+        for name in res.get("heal", {}):
+            curve = healing_curve(work, name, res)
             ax.plot([c["tokens"] for c in curve], [math.exp(c["loss/tinystories"]) for c in curve], "o-",
-                    label=target)
+                    label=name)
         if "original" in res.get("val", {}):
             ax.axhline(math.exp(res["val"]["original"]["loss/tinystories"]), color="k", ls="--",
                        label="original SmolLM2-135M")
@@ -284,9 +296,67 @@ def baseline(work: Path, micro_batch: int) -> None:
         save_results(work, results)
 
 
+def token_losses(model, ids: list[int]) -> list[float]:
+    """Each token's NLL after the first."""
+    x = torch.tensor([ids])
+    logits = model(x[:, :-1]).logits[0].float()
+    return torch.nn.functional.cross_entropy(logits, x[0, 1:], reduction="none").tolist()
+
+
+@torch.inference_mode()
+def valgap(work: Path, micro_batch: int, only: list[str] | None, windows: int = 4) -> None:
+    """Why the trainer's TinyStories validation perplexity is not the held-out one (the original: 24.9 against
+    6.88). Per model, the mean token NLL on the windows the trainer evaluates, by kind of target (an end of
+    document, the first token after one, the rest), and on the held-out head's first `windows` windows read two
+    ways: as text (each token sees the 1,024 before it) and paragraph by paragraph (each paragraph alone, as the
+    validation split holds them: prep makes a document of each blank-line block, and TinyStories' stories are
+    separated by blank lines like their paragraphs, so every 20th document is a paragraph out of its story)."""
+    from data_prep import TokenWindows
+    from smolds.pretrained import load_pretrained
+    from smolds.tokenizer import TextTokenizer
+
+    torch.set_num_threads(1)
+    eos = json.loads((work / "data" / "tinystories" / "manifest.json").read_text())["eos_id"]
+    tok = TextTokenizer.load(work / "smollm2")
+    head = json.loads((work / "eval_ids.json").read_text())["tinystories"]["tokens"][: windows * CONTEXT + 1]
+    text = tok.decode(head[:-1], skip_special_tokens=False)
+    paragraphs = [tok.encode(p.strip()) for p in text.split("\n\n") if p.strip()]
+    models = {"original": work / "smollm2"}
+    models.update({f"converted/{t}": work / "converted" / t for t in TARGETS})
+    models.update({f"healed/{d.name}": d for d in sorted((work / "heal").glob("*")) if d.is_dir()})
+    results = load_results(work)
+    mean = lambda v: sum(v) / max(1, len(v))  # noqa: E731
+    print("| model | val: all | val: EOS targets | val: first after EOS | val: rest | held-out as text | "
+          "held-out, paragraphs alone |")
+    print("|---|" + "---:|" * 6)
+    for key, path in models.items():
+        if not path.exists() or (only and key not in only):
+            continue
+        model, _ = load_pretrained(path, dtype=torch.float32)
+        model.eval()
+        token_nll = functools.partial(token_losses, model)
+        kinds: dict[str, list[float]] = {"all": [], "eos": [], "after_eos": [], "rest": []}
+        val = TokenWindows(work / "data" / "tinystories", split="val", seq_len=CONTEXT)
+        for x, y in val.iter_eval(micro_batch, 1):
+            for row_x, row_y in zip(x.tolist(), y.tolist()):
+                ids = row_x + row_y[-1:]
+                for prev, target, nll in zip(ids[:-1], ids[1:], token_nll(ids)):
+                    kinds["all"].append(nll)
+                    kinds["eos" if target == eos else "after_eos" if prev == eos else "rest"].append(nll)
+        as_text = [v for w in range(windows) for v in token_nll(head[w * CONTEXT : (w + 1) * CONTEXT + 1])]
+        alone = [v for ids in paragraphs if len(ids) > 1 for v in token_nll(ids[: CONTEXT + 1])]
+        row = {k: mean(v) for k, v in kinds.items()} | {"counts": {k: len(v) for k, v in kinds.items()},
+                                                        "head_as_text": mean(as_text), "head_alone": mean(alone)}
+        results.setdefault("valgap", {})[key] = row
+        save_results(work, results)
+        print(f"| {key} | " + " | ".join(f"{math.exp(row[k]):.2f}" for k in
+                                         ("all", "eos", "after_eos", "rest", "head_as_text", "head_alone")) + " |",
+              flush=True)
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("stage", choices=["prepare", "convert", "heal", "baseline", "eval", "report"])
+    p.add_argument("stage", choices=["prepare", "convert", "heal", "baseline", "eval", "valgap", "report"])
     p.add_argument("targets", nargs="*", help="convert/heal: targets (default: all); eval: result keys")
     p.add_argument("--work", type=Path, default=ROOT / "runs" / "convert", help="working directory (runs/ is ignored by git)")
     p.add_argument("--calib-tokens", type=int, default=32768)
@@ -294,6 +364,8 @@ def main(argv=None) -> int:
     p.add_argument("--lr", type=float, default=3e-4, help="heal: peak learning rate")
     p.add_argument("--micro-batch", type=int, default=2, help="heal, baseline: sequences of 1024 tokens per step")
     p.add_argument("--eval-every", type=int, default=4, help="heal: steps between validation evals")
+    p.add_argument("--name", help="heal: the run's name, WORK/heal/NAME (default: the target's)")
+    p.add_argument("--bias-rate", type=float, help="heal: the loss-free bias update rate u (default: the preset's)")
     p.add_argument("--figure", type=Path, help="report: write the healing curves here")
     args = p.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
@@ -302,12 +374,16 @@ def main(argv=None) -> int:
     elif args.stage == "convert":
         convert(args.work, args.targets or TARGETS, args.calib_tokens)
     elif args.stage == "heal":
+        if args.name and len(args.targets) != 1:
+            p.error("--name names one healing run: give one target")
         for target in args.targets:
-            heal(args.work, target, args.steps, args.lr, args.micro_batch, args.eval_every)
+            heal(args.work, target, args.steps, args.lr, args.micro_batch, args.eval_every, args.name, args.bias_rate)
     elif args.stage == "baseline":
         baseline(args.work, args.micro_batch)
     elif args.stage == "eval":
         evaluate_all(args.work, args.targets)
+    elif args.stage == "valgap":
+        valgap(args.work, args.micro_batch, args.targets)
     else:
         report(args.work, args.figure)
     return 0
