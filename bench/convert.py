@@ -105,7 +105,6 @@ def prepare(work: Path) -> None:
 
 # -------------------------------------------------------------------------------------------------- convert
 def convert(work: Path, targets: list[str], calib_tokens: int) -> None:
-    results = load_results(work)
     for target in targets:
         out = work / "converted" / target
         if (out / "model.safetensors").is_file():
@@ -113,8 +112,7 @@ def convert(work: Path, targets: list[str], calib_tokens: int) -> None:
         t = time.time()
         sh("smolds", "convert", str(work / "smollm2"), str(out), "--to", target, "--calib",
            str(work / "text" / "calib.txt"), "--calib-tokens", str(calib_tokens))
-        results.setdefault("convert_seconds", {})[target] = time.time() - t
-        save_results(work, results)
+        save_results(work, {"convert_seconds": {target: time.time() - t}})
 
 
 # ----------------------------------------------------------------------------------------------------- heal
@@ -167,15 +165,21 @@ def measure(path: Path, heads: dict) -> dict:
     row = {"params": model.num_parameters(), "active": model.num_parameters(active=True),
            "kv_bytes_bf16": model.new_cache(1, 8, dtype=torch.bfloat16).bytes_per_token()}
     stats = RoutingStats(model)
+    total = None
     for name, head in heads.items():
         t = time.time()
         with stats.measure() as routed:
             row[f"ppl/{name}"] = perplexity(model, head["tokens"])
-        if stats.routers and name == "tinystories":
+        if stats.routers:  # MaxVio_global of each corpus, and of the three together (the healing mixture's texts)
             from smolds.monitor.stats import max_violation
 
             per_layer, mean = max_violation(routed.counts)
-            row.update(maxvio_global=mean, maxvio_global_max_layer=float(per_layer.max()))
+            row[f"maxvio_global/{name}"] = mean
+            if name == "tinystories":
+                row.update(maxvio_global=mean, maxvio_global_max_layer=float(per_layer.max()))
+            total = routed.counts if total is None else total + routed.counts
+    if total is not None:
+        row["maxvio_global/all"] = max_violation(total)[1]
         print(f"  {path.name} {name}: ppl {row[f'ppl/{name}']:.3f} ({time.time() - t:.0f}s)", flush=True)
     row["samples"] = dict(zip(PROMPTS, generate(model, tok, PROMPTS, max_new_tokens=32, temperature=0)))
     return row
@@ -191,8 +195,7 @@ def evaluate_all(work: Path, only: list[str] | None) -> None:
     for key, path in models.items():
         if not path.exists() or (only and key not in only) or (not only and key in results.get("eval", {})):
             continue
-        results.setdefault("eval", {})[key] = measure(path, heads)
-        save_results(work, results)
+        save_results(work, {"eval": {key: measure(path, heads)}})  # only this row: stages beside it keep theirs
 
 
 # --------------------------------------------------------------------------------------------------- report
@@ -292,8 +295,7 @@ def baseline(work: Path, micro_batch: int) -> None:
         out = subprocess.run(["smolds", "eval", str(path), "--data", mixture, "--seq-len", str(CONTEXT),
                               "--batch-size", str(micro_batch), "--batches", "1"], check=True, env=ONE_THREAD,
                              capture_output=True, text=True).stdout
-        results.setdefault("val", {})[key] = json.loads(out)
-        save_results(work, results)
+        save_results(work, {"val": {key: json.loads(out)}})
 
 
 def token_losses(model, ids: list[int]) -> list[float]:
@@ -324,7 +326,6 @@ def valgap(work: Path, micro_batch: int, only: list[str] | None, windows: int = 
     models = {"original": work / "smollm2"}
     models.update({f"converted/{t}": work / "converted" / t for t in TARGETS})
     models.update({f"healed/{d.name}": d for d in sorted((work / "heal").glob("*")) if d.is_dir()})
-    results = load_results(work)
     mean = lambda v: sum(v) / max(1, len(v))  # noqa: E731
     print("| model | val: all | val: EOS targets | val: first after EOS | val: rest | held-out as text | "
           "held-out, paragraphs alone |")
@@ -347,8 +348,7 @@ def valgap(work: Path, micro_batch: int, only: list[str] | None, windows: int = 
         alone = [v for ids in paragraphs if len(ids) > 1 for v in token_nll(ids[: CONTEXT + 1])]
         row = {k: mean(v) for k, v in kinds.items()} | {"counts": {k: len(v) for k, v in kinds.items()},
                                                         "head_as_text": mean(as_text), "head_alone": mean(alone)}
-        results.setdefault("valgap", {})[key] = row
-        save_results(work, results)
+        save_results(work, {"valgap": {key: row}})
         print(f"| {key} | " + " | ".join(f"{math.exp(row[k]):.2f}" for k in
                                          ("all", "eos", "after_eos", "rest", "head_as_text", "head_alone")) + " |",
               flush=True)
