@@ -134,11 +134,9 @@ def heal(work: Path, target: str, steps: int, lr: float, micro_batch: int, eval_
          name: str | None = None, bias_rate: float | None = None) -> None:
     t = time.time()
     sh(*heal_command(work, target, steps, lr, micro_batch, eval_every, name, bias_rate))
-    results = load_results(work)
-    results.setdefault("heal", {})[name or target] = {
+    save_results(work, {"heal": {name or target: {
         "target": target, "seconds": time.time() - t, "steps": steps, "lr": lr, "micro_batch": micro_batch,
-        "tokens": steps * micro_batch * CONTEXT, "bias_update_rate": bias_rate}
-    save_results(work, results)
+        "tokens": steps * micro_batch * CONTEXT, "bias_update_rate": bias_rate}}})
 
 
 # ----------------------------------------------------------------------------------------------------- eval
@@ -158,6 +156,7 @@ def measure(path: Path, heads: dict) -> dict:
     """Perplexity per held-out corpus (MaxVio_global on TinyStories), cache bytes, parameters, samples."""
     from smolds.infer.generate import generate
     from smolds.model.router import RoutingStats
+    from smolds.monitor.stats import max_violation
     from smolds.pretrained import load_pretrained
 
     model, tok = load_pretrained(path, dtype=torch.float32)
@@ -171,16 +170,14 @@ def measure(path: Path, heads: dict) -> dict:
         with stats.measure() as routed:
             row[f"ppl/{name}"] = perplexity(model, head["tokens"])
         if stats.routers:  # MaxVio_global of each corpus, and of the three together (the healing mixture's texts)
-            from smolds.monitor.stats import max_violation
-
             per_layer, mean = max_violation(routed.counts)
             row[f"maxvio_global/{name}"] = mean
             if name == "tinystories":
                 row.update(maxvio_global=mean, maxvio_global_max_layer=float(per_layer.max()))
             total = routed.counts if total is None else total + routed.counts
+        print(f"  {path.name} {name}: ppl {row[f'ppl/{name}']:.3f} ({time.time() - t:.0f}s)", flush=True)
     if total is not None:
         row["maxvio_global/all"] = max_violation(total)[1]
-        print(f"  {path.name} {name}: ppl {row[f'ppl/{name}']:.3f} ({time.time() - t:.0f}s)", flush=True)
     row["samples"] = dict(zip(PROMPTS, generate(model, tok, PROMPTS, max_new_tokens=32, temperature=0)))
     return row
 
@@ -218,20 +215,28 @@ def fit_power_law(x: list[float], y: list[float], floor: float) -> tuple[float, 
     return math.exp(my - slope * mx), -slope
 
 
+def maxvio_cell(r: dict) -> str:
+    """MaxVio_global on each held-out corpus and on the three together (older rows: TinyStories only)."""
+    if "maxvio_global" not in r:
+        return "-"
+    per = [f"{r[f'maxvio_global/{n}']:.3f}" for n in [*FILES, "all"] if f"maxvio_global/{n}" in r]
+    return " / ".join(per) if per else f"{r['maxvio_global']:.3f}"
+
+
 def report(work: Path, figure: Path | None) -> None:
     res = load_results(work)
     ev = res.get("eval", {})
     names = list(FILES)
     print("| model | " + " | ".join(f"{n} ppl" for n in names) + " | KV bytes/token (bf16) | params | active | "
-          "MaxVio_global |")
+          "MaxVio_global (" + " / ".join([*FILES, "all"]) + ") |")
     print("|---|" + "---:|" * (len(names) + 4))
     for key, r in ev.items():
-        mv = f"{r['maxvio_global']:.3f}" if "maxvio_global" in r else "-"
+        mv = maxvio_cell(r)
         print(f"| {key} | " + " | ".join(f"{r[f'ppl/{n}']:.2f}" for n in names)
               + f" | {r['kv_bytes_bf16']:,} | {r['params']:,} | {r['active']:,} | {mv} |")
     orig = ev.get("original", {}).get("ppl/tinystories")
     print(f"\noriginal TinyStories ppl on the held-out head: {orig}; healing:")
-    print("| run | target | u | steps | tokens | wall s | TinyStories ppl | vs original | goal | MaxVio_global |")
+    print("| run | target | u | steps | tokens | wall s | TinyStories ppl | vs original | goal | MaxVio_global (each / all) |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|---:|")
     goal = {"smollm2-mla-135m": 1.10, "smollm2-deepseek-135m": 1.30, "smollm2-deepseek-moefied-135m": 1.30}
     for name, h in res.get("heal", {}).items():
@@ -239,7 +244,7 @@ def report(work: Path, figure: Path | None) -> None:
         if r is None or orig is None:
             continue
         ratio = r["ppl/tinystories"] / orig
-        mv = f"{r['maxvio_global']:.3f}" if "maxvio_global" in r else "-"
+        mv = maxvio_cell(r)
         print(f"| {name} | {target} | {h.get('bias_update_rate') or 'preset'} | {h['steps']} | {h['tokens']:,} | "
               f"{h['seconds']:.0f} | {r['ppl/tinystories']:.2f} | {ratio:.3f}x | {goal.get(target, '-')} | {mv} |")
     for name, h in res.get("heal", {}).items():
@@ -327,9 +332,9 @@ def valgap(work: Path, micro_batch: int, only: list[str] | None, windows: int = 
     models.update({f"converted/{t}": work / "converted" / t for t in TARGETS})
     models.update({f"healed/{d.name}": d for d in sorted((work / "heal").glob("*")) if d.is_dir()})
     mean = lambda v: sum(v) / max(1, len(v))  # noqa: E731
-    print("| model | val: all | val: EOS targets | val: first after EOS | val: rest | held-out as text | "
-          "held-out, paragraphs alone |")
-    print("|---|" + "---:|" * 6)
+    print("| model | val: all | val: EOS targets | val: first after EOS | val: rest | EOS boundaries: tokens, NLL | "
+          "held-out as text | held-out, paragraphs alone |")
+    print("|---|" + "---:|" * 7)
     for key, path in models.items():
         if not path.exists() or (only and key not in only):
             continue
@@ -349,9 +354,12 @@ def valgap(work: Path, micro_batch: int, only: list[str] | None, windows: int = 
         row = {k: mean(v) for k, v in kinds.items()} | {"counts": {k: len(v) for k, v in kinds.items()},
                                                         "head_as_text": mean(as_text), "head_alone": mean(alone)}
         save_results(work, {"valgap": {key: row}})
-        print(f"| {key} | " + " | ".join(f"{math.exp(row[k]):.2f}" for k in
-                                         ("all", "eos", "after_eos", "rest", "head_as_text", "head_alone")) + " |",
-              flush=True)
+        n = row["counts"]
+        edge = n["eos"] + n["after_eos"]
+        edge_nll = (row["eos"] * n["eos"] + row["after_eos"] * n["after_eos"]) / (row["all"] * n["all"])
+        val_ppl, head_ppl = (" | ".join(f"{math.exp(row[k]):.2f}" for k in ks)
+                             for ks in (("all", "eos", "after_eos", "rest"), ("head_as_text", "head_alone")))
+        print(f"| {key} | {val_ppl} | {edge / n['all']:.0%}, {edge_nll:.0%} | {head_ppl} |", flush=True)
 
 
 def main(argv=None) -> int:
